@@ -1,0 +1,1 @@
+"""Prefect flows (recipes over tasks) and the `tourguide` command line."""

@@ -1,0 +1,68 @@
+"""The `tourguide` command line: `tourguide <command> --help` explains each command.
+
+Quick read-only commands (analyze, validate) call `lib` directly; long jobs run as Prefect
+flows (with no PREFECT_API_URL set, Prefect starts a throwaway local API: ~15 s; run
+`prefect server start` and export PREFECT_API_URL to make every command fast and visible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = ["capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa", "report", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tourguide",
+        description="Capture, compare, align and fold HF causal LMs over a frozen tour-stop corpus, offline.",
+        epilog="Start with `tourguide demo`. Each command has its own --help.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"flows.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"flows.commands.{name}":
+                raise
+            p = sub.add_parser(name, help="(not available in this build)")
+            p.set_defaults(func=_not_available(name))
+            continue
+        mod.register(sub)
+    return parser
+
+
+def _not_available(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from lib.errors import BadInputError
+
+        raise BadInputError(f"`tourguide {name}` is not available in this build yet")
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        sys.exit(0)
+    from lib.errors import TourGuideError
+
+    try:
+        code = args.func(args)
+    except TourGuideError as exc:
+        print(f"tourguide {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(code or 0))
+
+
+if __name__ == "__main__":
+    main()

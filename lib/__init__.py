@@ -1,0 +1,1 @@
+"""OfflineTourGuide library: all real logic lives here. Never imports prefect."""

@@ -1,0 +1,14 @@
+"""Qwen3 family: no q/k/v biases, but per-head RMSNorm on q and k (q_norm/k_norm) after the
+projection: never rotate inside a q/k head or touch those gains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lib.adapters.base import ModelAdapter
+
+
+@dataclass
+class Qwen3Adapter(ModelAdapter):
+    model_type: str = "qwen3"
+    has_qk_norm: bool = True

@@ -1,0 +1,292 @@
+"""The shard store: one safetensors file per captured sample plus a `metadata.jsonl` index.
+
+Layout of a capture folder::
+
+    <output-dir>/sample_0000.safetensors   tensors: input_ids [T] int64, logits [T, V] (optional),
+                                           act/<hook point> [T, d] per hook point
+    <output-dir>/metadata.jsonl            one JSON object per complete shard (`ShardRecord`)
+    <output-dir>/.index.lock               advisory lock held while writing shards + index lines
+
+Writes go temp file -> fsync -> rename -> append index line (under the lock), so the index
+never names a shard that is not complete on disk and never holds two rows for one capture key.
+Run it: `tourguide validate runs/x/activations/teacher/metadata.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib.atomic import append_line_durable, locked, write_bytes_atomic
+from lib.digests import sha256_bytes, sha256_file
+from lib.errors import BadInputError, ChecksumError
+
+INDEX_NAME = "metadata.jsonl"
+LOCK_NAME = ".index.lock"
+ACT_PREFIX = "act/"
+INPUT_SUFFIX = ":input"  # hook point naming: "<module>" = module output, "<module>:input" = its input
+LAYER_CONVENTION = "act/<module>=output of the module (decoder block: residual after it); act/<module>:input=first positional input"
+
+
+def shard_name(sample_index: int) -> str:
+    return f"sample_{sample_index:04d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One row of `metadata.jsonl`: everything a consumer needs without opening the shard."""
+
+    shard: str  # file name relative to the index's folder
+    sample_id: str
+    sample_index: int
+    text_sha256: str
+    token_start: int  # span of this sample in the capture's global token stream
+    token_end: int
+    n_tokens: int
+    truncated: bool
+    layers: list[str]  # hook points stored as act/<name>
+    dtype: str
+    shapes: dict[str, list[int]]  # tensor name -> shape
+    sha256: str
+    bytes: int
+    model: str
+    revision: str
+    tokenizer: str
+    backend: str
+    capture_key: str
+    capture_version: str
+    logits: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, row: Any, *, where: str) -> ShardRecord:
+        """Parse and type-check one index row; `where` ('file:line') goes into every error."""
+        if not isinstance(row, dict):
+            raise BadInputError(f"{where}: index row must be a JSON object, got {type(row).__name__}")
+        spec: dict[str, tuple[type, ...]] = {
+            "shard": (str,), "sample_id": (str,), "sample_index": (int,), "text_sha256": (str,),
+            "token_start": (int,), "token_end": (int,), "n_tokens": (int,), "truncated": (bool,),
+            "layers": (list,), "dtype": (str,), "shapes": (dict,), "sha256": (str,), "bytes": (int,),
+            "model": (str,), "revision": (str,), "tokenizer": (str,), "backend": (str,),
+            "capture_key": (str,), "capture_version": (str,), "logits": (bool,),
+        }
+        missing = [k for k in spec if k not in row]
+        if missing:
+            raise BadInputError(f"{where}: index row lacks key(s) {missing}; recapture into a fresh --output-dir")
+        for key, types in spec.items():
+            val = row[key]
+            if not isinstance(val, types) or (int in types and isinstance(val, bool) and bool not in types):
+                raise BadInputError(f"{where}: key {key!r} must be {types[0].__name__}, got {val!r:.60}")
+        if not all(isinstance(x, str) for x in row["layers"]):
+            raise BadInputError(f"{where}: key 'layers' must be a list of strings")
+        for name, shape in row["shapes"].items():
+            if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+                raise BadInputError(f"{where}: shapes[{name!r}] must be a list of non-negative ints, got {shape!r:.60}")
+        shard = row["shard"]
+        if "/" in shard or "\\" in shard or shard in ("", ".", "..") or shard.startswith("."):
+            raise BadInputError(f"{where}: shard name {shard!r} must be a plain file name inside the index folder")
+        if row["n_tokens"] != row["token_end"] - row["token_start"] or row["n_tokens"] < 0:
+            raise BadInputError(f"{where}: token span [{row['token_start']}, {row['token_end']}) disagrees with n_tokens={row['n_tokens']}")
+        extra = row.get("extra", {})
+        if not isinstance(extra, dict):
+            raise BadInputError(f"{where}: key 'extra' must be an object")
+        known = {k: row[k] for k in spec}
+        return cls(**known, extra=extra)
+
+
+def read_index(index_path: str | os.PathLike) -> list[ShardRecord]:
+    """Read `metadata.jsonl` (a folder is taken to mean its metadata.jsonl).
+
+    Raises BadInputError naming the file and line for a missing file or a malformed row.
+    A trailing line without newline (a writer killed mid-append) is malformed too.
+    """
+    path = resolve_index_path(index_path)
+    records: list[ShardRecord] = []
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise BadInputError(f"{path}: is a folder without {INDEX_NAME}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); the index is corrupt, recapture") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise BadInputError(f"{path}:{lineno}: malformed JSON ({exc.__class__.__name__}: {str(exc)[:80]}); fix or delete that line and re-run capture") from None
+        records.append(ShardRecord.from_dict(row, where=f"{path}:{lineno}"))
+    return records
+
+
+def resolve_index_path(index_path: str | os.PathLike) -> Path:
+    path = Path(index_path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    if not path.exists():
+        raise BadInputError(f"{path}: index file not found; pass the metadata.jsonl written by `tourguide capture` (or its folder)")
+    return path
+
+
+def serialize_shard(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes for `tensors` (torch, contiguous) with string `metadata` in the header."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def commit_shards(out_dir: Path, items: Sequence[tuple[ShardRecord, bytes]]) -> list[ShardRecord]:
+    """Atomically write shards and append their index rows, skipping capture keys already
+    indexed by a valid shard (another writer got there first). Returns the rows written.
+
+    Each `ShardRecord` must already carry the sha256/bytes of its payload.
+    """
+    index_path = out_dir / INDEX_NAME
+    written: list[ShardRecord] = []
+    with locked(out_dir / LOCK_NAME):
+        existing = {r.capture_key: r for r in read_index(index_path)} if index_path.exists() else {}
+        for record, payload in items:
+            prior = existing.get(record.capture_key)
+            if prior is not None and verify_record(out_dir, prior) is None:
+                continue
+            write_bytes_atomic(out_dir / record.shard, payload)
+            # The shard is complete on disk before its row exists: a crash here leaves an
+            # unindexed shard that the next run simply rewrites.
+            append_line_durable(index_path, record.to_json())
+            existing[record.capture_key] = record
+            written.append(record)
+    return written
+
+
+def compact_index(out_dir: Path) -> None:
+    """Drop rows whose shard is missing/corrupt and duplicate capture keys (keep the last valid).
+
+    Called by capture before re-capturing, so that a recomputed shard replaces its stale row.
+    """
+    index_path = out_dir / INDEX_NAME
+    if not index_path.exists():
+        return
+    with locked(out_dir / LOCK_NAME):
+        rows = read_index(index_path)
+        keep: dict[str, ShardRecord] = {}
+        for r in rows:
+            if verify_record(out_dir, r) is None:
+                keep[r.capture_key] = r
+        if len(keep) == len(rows):
+            return
+        text = "".join(r.to_json() + "\n" for r in keep.values())
+        from lib.atomic import write_text_atomic
+
+        write_text_atomic(index_path, text)
+
+
+def make_payload_record(record_fields: dict[str, Any], payload: bytes) -> ShardRecord:
+    return ShardRecord(**record_fields, sha256=sha256_bytes(payload), bytes=len(payload))
+
+
+def verify_record(folder: Path, record: ShardRecord) -> str | None:
+    """None when the shard exists with the recorded size and sha256, else the reason."""
+    path = folder / record.shard
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if size != record.bytes:
+        return f"size {size} != recorded {record.bytes} (truncated or overwritten)"
+    digest = sha256_file(path)
+    if digest != record.sha256:
+        return f"sha256 {digest[:12]}… != recorded {record.sha256[:12]}…"
+    return None
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    index: str
+    shard: str
+    sample_id: str
+    bytes: int
+    ok: bool
+    reason: str  # "" when ok
+
+
+def validate_indexes(index_paths: Iterable[str | os.PathLike], workers: int | None = None) -> list[ShardCheck]:
+    """Re-hash every shard of every index in parallel (threads: hashlib releases the GIL).
+
+    Returns one ShardCheck per row, in index order. Raises BadInputError for a missing or
+    malformed index (those are not shard failures).
+    """
+    jobs: list[tuple[Path, Path, ShardRecord]] = []
+    for ip in index_paths:
+        path = resolve_index_path(ip)
+        for rec in read_index(path):
+            jobs.append((path, path.parent, rec))
+    workers = workers or os.cpu_count() or 1
+
+    def check(job: tuple[Path, Path, ShardRecord]) -> ShardCheck:
+        path, folder, rec = job
+        reason = verify_record(folder, rec)
+        return ShardCheck(str(path), rec.shard, rec.sample_id, rec.bytes, reason is None, reason or "")
+
+    if workers == 1 or len(jobs) <= 1:
+        return [check(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check, jobs))
+
+
+def require_valid(index_paths: Iterable[str | os.PathLike]) -> list[ShardCheck]:
+    """validate_indexes, raising ChecksumError that names every bad shard and how to recapture."""
+    checks = validate_indexes(index_paths)
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        lines = "\n".join(f"  {Path(c.index).parent / c.shard}: {c.reason}" for c in bad)
+        raise ChecksumError(
+            f"{len(bad)} of {len(checks)} shard(s) failed their checksum:\n{lines}\n"
+            "Fix: re-run the same `tourguide capture` command into the same --output-dir; it recomputes exactly these shards."
+        )
+    return checks
+
+
+def format_validation_table(checks: Sequence[ShardCheck]) -> str:
+    rows = [f"{'status':6}  {'bytes':>10}  shard"]
+    for c in checks:
+        rows.append(f"{'ok' if c.ok else 'BAD':6}  {c.bytes:>10}  {Path(c.index).parent / c.shard}" + (f"  ({c.reason})" if not c.ok else ""))
+    n_bad = sum(not c.ok for c in checks)
+    rows.append(f"{len(checks)} shard(s), {n_bad} bad")
+    return "\n".join(rows)
+
+
+def load_shard(path: str | os.PathLike, names: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Load tensors (all, or `names`) and the header metadata of one shard (torch tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            keys = list(fh.keys()) if names is None else list(names)
+            missing = [k for k in keys if k not in fh.keys()]
+            if missing:
+                raise BadInputError(f"{path}: tensor(s) {missing} not in shard; it holds {sorted(fh.keys())}")
+            tensors = {k: fh.get_tensor(k) for k in keys}
+    except BadInputError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise BadInputError(f"{path}: not a readable safetensors file ({exc.__class__.__name__}: {str(exc)[:120]})") from None
+    return tensors, meta
+
+
+def verified_records(index_path: str | os.PathLike) -> tuple[Path, list[ShardRecord]]:
+    """Read an index and require every shard to pass its checksum (for consumers)."""
+    path = resolve_index_path(index_path)
+    require_valid([path])
+    return path.parent, read_index(path)

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: one lib call each, paths and digests in, small manifests out."""
