@@ -25,6 +25,7 @@ from lib.shards import (ACT_PREFIX, INDEX_NAME, INPUT_SUFFIX, LAYER_CONVENTION, 
                         make_payload_record, read_index, serialize_shard, shard_name, verify_record)
 
 CAPTURE_VERSION = "1"  # bump when shard contents change for the same inputs
+FORWARD_BATCHES = 0  # forward passes run in this process (tests assert cache hits run none)
 BACKENDS = ("torch", "vllm")
 
 
@@ -163,6 +164,12 @@ def plan_capture(spec: CaptureSpec, samples: list[Sample]) -> CapturePlan:
     return CapturePlan(model, spec.model, tuple(hooks), tuple(items), sha256_json(config_key))
 
 
+def plan_from_items(spec: CaptureSpec, items: list[PlanItem], hook_points: tuple[str, ...], config_digest: str) -> CapturePlan:
+    """Rebuild a (partial) plan from items planned earlier, e.g. in a worker task."""
+    model = resolve_model(spec.model, spec.revision, spec.hf_home, spec.hf_hub_cache)
+    return CapturePlan(model, spec.model, tuple(hook_points), tuple(items), config_digest)
+
+
 @lru_cache(maxsize=8)
 def module_names_for(model_dir: str, revision: str) -> set[str]:
     import json
@@ -170,12 +177,19 @@ def module_names_for(model_dir: str, revision: str) -> set[str]:
     return module_names_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
-def pending_items(plan: CapturePlan, out_dir: Path) -> list[PlanItem]:
-    """Items whose shard is not indexed, or indexed but missing/corrupt (so recomputed)."""
+def valid_keys(out_dir: Path, keys: set[str] | None = None) -> set[str]:
+    """Capture keys (restricted to `keys` when given) indexed in `out_dir` with a shard that
+    passes its size + sha256 check."""
     index = out_dir / INDEX_NAME
     if not index.exists():
-        return list(plan.items)
-    valid = {r.capture_key for r in read_index(index) if verify_record(out_dir, r) is None}
+        return set()
+    rows = [r for r in read_index(index) if keys is None or r.capture_key in keys]
+    return {r.capture_key for r in rows if verify_record(out_dir, r) is None}
+
+
+def pending_items(plan: CapturePlan, out_dir: Path) -> list[PlanItem]:
+    """Items whose shard is not indexed, or indexed but missing/corrupt (so recomputed)."""
+    valid = valid_keys(out_dir, {it.capture_key for it in plan.items})
     return [it for it in plan.items if it.capture_key not in valid]
 
 
@@ -304,6 +318,13 @@ def capture_items(spec: CaptureSpec, plan: CapturePlan, items: list[PlanItem], o
     """
     out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Items another run (or a crashed earlier attempt) already committed are not recomputed.
+    done = valid_keys(out, {it.capture_key for it in items})
+    items = [it for it in items if it.capture_key not in done]
+    if not items:
+        return []
+    global FORWARD_BATCHES
+    FORWARD_BATCHES += 1
     if spec.backend == "vllm":
         from lib.vllm_backend import forward_batch_vllm
 

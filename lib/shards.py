@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib.atomic import append_line_durable, locked, write_bytes_atomic
+from lib.atomic import append_line_durable, locked, write_bytes_atomic, write_text_atomic
 from lib.digests import sha256_bytes, sha256_file
 from lib.errors import BadInputError, ChecksumError
 
@@ -138,41 +139,80 @@ def resolve_index_path(index_path: str | os.PathLike) -> Path:
     return path
 
 
-def serialize_shard(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes for `tensors` (torch, contiguous) with string `metadata` in the header."""
-    from safetensors.torch import save
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+def serialize_shard(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes for `tensors` (torch) with string `metadata` in the header.
+
+    We lay the bytes out ourselves (the format is 8-byte LE header length, JSON header, raw
+    little-endian data) so that equal inputs give equal bytes: the library's writer orders
+    metadata keys by hash, which would make checksums of identical shards differ. Tensors are
+    stored in name order; the header is space-padded to a multiple of 8 bytes.
+    """
+    import torch
+
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise BadInputError("shard metadata must map str -> str")
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        code = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if code is None:
+            raise BadInputError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a shard")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
 
 
 def commit_shards(out_dir: Path, items: Sequence[tuple[ShardRecord, bytes]]) -> list[ShardRecord]:
     """Atomically write shards and append their index rows, skipping capture keys already
     indexed by a valid shard (another writer got there first). Returns the rows written.
 
-    Each `ShardRecord` must already carry the sha256/bytes of its payload.
+    A row whose shard went missing/corrupt, or another row for the same shard file name, is
+    replaced: the index is rewritten atomically without it, so it never holds two rows for one
+    capture key or a row for a shard that is not on disk. Each `ShardRecord` must already
+    carry the sha256/bytes of its payload.
     """
     index_path = out_dir / INDEX_NAME
     written: list[ShardRecord] = []
     with locked(out_dir / LOCK_NAME):
-        existing = {r.capture_key: r for r in read_index(index_path)} if index_path.exists() else {}
+        rows = read_index(index_path) if index_path.exists() else []
+        existing = {r.capture_key: r for r in rows}
+        by_shard = {r.shard: r for r in rows}
+        stale = False
         for record, payload in items:
             prior = existing.get(record.capture_key)
             if prior is not None and verify_record(out_dir, prior) is None:
                 continue
+            other = by_shard.get(record.shard)
+            stale = stale or prior is not None or (other is not None and other.capture_key != record.capture_key)
+            if stale:
+                # Drop the row that names this file before overwriting it: a crash in between
+                # then leaves an unindexed file, never an index row with the wrong checksum.
+                rows = [r for r in rows if r.shard != record.shard and r.capture_key != record.capture_key]
+                write_text_atomic(index_path, "".join(r.to_json() + "\n" for r in rows))
+                stale = False
             write_bytes_atomic(out_dir / record.shard, payload)
             # The shard is complete on disk before its row exists: a crash here leaves an
             # unindexed shard that the next run simply rewrites.
             append_line_durable(index_path, record.to_json())
+            rows.append(record)
             existing[record.capture_key] = record
+            by_shard[record.shard] = record
             written.append(record)
     return written
 
 
 def compact_index(out_dir: Path) -> None:
-    """Drop rows whose shard is missing/corrupt and duplicate capture keys (keep the last valid).
-
-    Called by capture before re-capturing, so that a recomputed shard replaces its stale row.
-    """
+    """Drop rows whose shard is missing/corrupt and duplicate capture keys (keep the last valid)."""
     index_path = out_dir / INDEX_NAME
     if not index_path.exists():
         return
@@ -184,10 +224,7 @@ def compact_index(out_dir: Path) -> None:
                 keep[r.capture_key] = r
         if len(keep) == len(rows):
             return
-        text = "".join(r.to_json() + "\n" for r in keep.values())
-        from lib.atomic import write_text_atomic
-
-        write_text_atomic(index_path, text)
+        write_text_atomic(index_path, "".join(r.to_json() + "\n" for r in keep.values()))
 
 
 def make_payload_record(record_fields: dict[str, Any], payload: bytes) -> ShardRecord:

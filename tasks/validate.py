@@ -1,23 +1,32 @@
-"""The validation task every consumer calls before reading shards."""
+"""The validation tasks every consumer calls before reading shards."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from prefect.context import TaskRunContext
 
-from lib.shards import require_valid
+from lib.shards import require_valid, validate_indexes
 
 
 @task(name="validate-shards", task_run_name="validate-{label}")
 def validate_shards(index_paths: list[str], label: str = "shards") -> dict:
-    """Re-hash every shard of `index_paths`; raise ChecksumError naming each bad shard.
-
-    Returns {"n_shards", "bytes", "indexes"}; not retried (a mismatch is a real failure).
-    """
+    """Re-hash every shard of `index_paths`; raise ChecksumError naming each bad shard (with the
+    command that recaptures exactly those). Returns {"n_shards", "bytes", "indexes"}; not retried:
+    a mismatch is a real failure."""
     checks = require_valid(index_paths)
-    create_table_artifact(
-        key=None,
-        table=[{"index": c.index, "shard": c.shard, "bytes": c.bytes, "ok": c.ok} for c in checks[:200]],
-        description=f"checksums of {len(checks)} shard(s) in {len(index_paths)} index(es)",
-    )
+    if TaskRunContext.get() is not None:  # also callable as validate_shards.fn(...) outside a run
+        create_table_artifact(
+            table=[{"index": c.index, "shard": c.shard, "bytes": c.bytes, "ok": c.ok} for c in checks[:200]],
+            description=f"checksums of {len(checks)} shard(s) in {len(index_paths)} index(es)",
+        )
     return {"n_shards": len(checks), "bytes": sum(c.bytes for c in checks), "indexes": list(index_paths)}
+
+
+@task(name="hash-shards", task_run_name="hash-shards")
+def hash_shards(index_paths: list[str]) -> list[dict]:
+    """Every shard's check as a dict (index, shard, sample_id, bytes, ok, reason); never raises
+    for a bad shard (the CLI reports them and exits 1)."""
+    return [asdict(c) for c in validate_indexes(index_paths)]

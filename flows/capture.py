@@ -1,0 +1,91 @@
+"""The capture flow: plan → one cached task per batch → recompute what is missing → validate.
+
+Run it: `tourguide capture --model ./my-model --output-dir runs/x/activations/student`
+(or `python -m flows capture …`). Without a server, Prefect starts a throwaway local API.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from tqdm.auto import tqdm
+
+from lib.capture import CaptureSpec, batches_by_length, check_output_dir
+from lib.corpus import SAMPLES_DIR, load_texts
+from lib.errors import ChecksumError
+from tasks.capture import capture_batch, missing_items_task, model_slug, plan_capture_task
+from tasks.validate import validate_shards
+
+
+def _label(model: str, batch: list[dict[str, Any]]) -> str:
+    first = batch[0]["sample_index"]
+    return f"{model_slug(model)}-s{first:04d}" + (f"+{len(batch) - 1}" if len(batch) > 1 else "")
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"capture-{model_slug(flow_run.parameters.get('model', 'model'))}"
+
+
+@flow(name="capture", flow_run_name=_run_name, log_prints=False)
+def capture_flow(model: str, output_dir: str = "activations", texts: list[str] | None = None,
+                 text_files: list[str] | None = None, layers: list[str] | None = None, dtype: str = "float32",
+                 compute_dtype: str | None = None, device: str = "auto", max_length: int | None = None,
+                 batch_size: int = 8, logits: bool = True, backend: str = "torch", revision: str | None = None,
+                 hf_home: str | None = None, hf_hub_cache: str | None = None, limit: int | None = None,
+                 samples_dir: str | None = None, vllm_options: dict[str, Any] | None = None,
+                 trust_remote_code: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Capture activations of `model` over the texts into `output_dir` (shards + metadata.jsonl).
+
+    Returns {"index", "n_samples", "n_computed", "n_reused", "config_digest", "hook_points"}.
+    """
+    log = get_run_logger()
+    out = check_output_dir(output_dir)
+    spec = CaptureSpec(model=model, revision=revision, dtype=dtype, compute_dtype=compute_dtype, device=device,
+                       hook_points=tuple(layers or ()), max_length=max_length, logits=logits, batch_size=batch_size,
+                       backend=backend, hf_home=hf_home, hf_hub_cache=hf_hub_cache, vllm_options=vllm_options or {},
+                       trust_remote_code=trust_remote_code)
+    spec.check()
+    samples = load_texts(texts, text_files, samples_dir or SAMPLES_DIR, limit)
+    spec_d = asdict(spec)
+    plan = plan_capture_task(spec_d, [asdict(s) for s in samples], label=model_slug(model))
+    out.mkdir(parents=True, exist_ok=True)
+    items, hooks, digest = plan["items"], plan["hook_points"], plan["config_digest"]
+    batches_d = [[asdict(it) for it in b] for b in batches_by_length(_objs(items), batch_size)]
+    artifact = create_progress_artifact(progress=0.0, description=f"capture {model} → {out}")
+    pending = missing_items_task(items, str(out), label=model_slug(model))
+    bar = tqdm(total=len(items), desc=f"capture {model_slug(model)}", unit="sample",
+               disable=not progress, file=sys.stderr)
+    for i, batch in enumerate(batches_d):
+        capture_batch(spec_d, batch, hooks, digest, str(out), label=_label(model, batch))
+        bar.update(len(batch))
+        update_progress_artifact(artifact, progress=100.0 * (i + 1) / max(len(batches_d), 1))
+    bar.close()
+    # A cache hit only proves the batch ran once: recompute exactly the samples whose shard is
+    # gone or fails its checksum, bypassing the cache for them.
+    missing = missing_items_task(items, str(out), label=model_slug(model))
+    if missing:
+        log.warning("%d cached sample(s) lack a valid shard; recomputing them", len(missing))
+        for batch in batches_by_length(_objs(missing), batch_size):
+            b = [asdict(it) for it in batch]
+            capture_batch.with_options(refresh_cache=True)(spec_d, b, hooks, digest, str(out), label=_label(model, b))
+        still = missing_items_task(items, str(out), label=model_slug(model))
+        if still:
+            raise ChecksumError(f"{len(still)} sample(s) still lack a valid shard in {out} after recomputing: "
+                                f"{[m['sample_id'] for m in still][:10]}")
+    validate_shards([str(out / "metadata.jsonl")], label=model_slug(model))
+    manifest = {"index": str(out / "metadata.jsonl"), "n_samples": len(items), "n_computed": len(pending),
+                "n_reused": len(items) - len(pending), "config_digest": digest, "hook_points": hooks}
+    log.info("captured %s: %d sample(s), %d computed, %d reused", model, len(items), manifest["n_computed"], manifest["n_reused"])
+    return manifest
+
+
+def _objs(items: list[dict[str, Any]]):
+    from lib.capture import PlanItem
+
+    return [PlanItem(**{**it, "token_ids": tuple(it["token_ids"])}) for it in items]

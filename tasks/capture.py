@@ -1,0 +1,63 @@
+"""Capture tasks: plan (no weights), one batch forward + commit (cached across runs), and the
+post-run check of which samples still lack a valid shard."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from lib.capture import CAPTURE_VERSION, CaptureSpec, PlanItem, capture_items, plan_capture, plan_from_items, valid_keys
+from lib.corpus import Sample
+from tasks.common import RETRY
+
+
+def spec_from_dict(spec: dict[str, Any]) -> CaptureSpec:
+    d = dict(spec)
+    d["hook_points"] = tuple(d.get("hook_points") or ())
+    return CaptureSpec(**d)
+
+
+def model_slug(model: str) -> str:
+    return Path(model.rstrip("/")).name or model
+
+
+@task(name="plan-capture", task_run_name="plan-{label}", retries=0)
+def plan_capture_task(spec: dict[str, Any], samples: list[dict[str, Any]], label: str = "capture") -> dict[str, Any]:
+    """Tokenize + lay out capture keys. Returns {"items": [...], "hook_points", "revision", "config_digest"}."""
+    plan = plan_capture(spec_from_dict(spec), [Sample(**s) for s in samples])
+    return {"items": [asdict(it) for it in plan.items], "hook_points": list(plan.hook_points),
+            "revision": plan.model.revision, "config_digest": plan.config_digest}
+
+
+def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Readable cross-run key: capture version, model, output folder and the batch's capture keys
+    (which already hash text sha256, model revision, hook points, dtype, max_length, backend)."""
+    keys = sorted(it["capture_key"] for it in parameters["items"])
+    digest = hashlib.sha256("\n".join([parameters["output_dir"], *keys]).encode()).hexdigest()[:24]
+    return f"capture-v{CAPTURE_VERSION}-{model_slug(parameters['spec']['model'])}-{len(keys)}x-{digest}"
+
+
+@task(name="capture-batch", task_run_name="capture-{label}", cache_key_fn=batch_cache_key,
+      persist_result=True, result_serializer="json", **RETRY)
+def capture_batch(spec: dict[str, Any], items: list[dict[str, Any]], hook_points: list[str], config_digest: str,
+                  output_dir: str, label: str = "batch") -> list[dict[str, Any]]:
+    """Forward one batch and commit its shards + index rows. Returns the rows written (dicts).
+
+    A cache hit proves only that this batch ran once: the flow re-checks the shards on disk.
+    """
+    cs = spec_from_dict(spec)
+    plan_items = [PlanItem(**{**it, "token_ids": tuple(it["token_ids"])}) for it in items]
+    plan = plan_from_items(cs, plan_items, tuple(hook_points), config_digest)
+    return capture_items(cs, plan, plan_items, output_dir)
+
+
+@task(name="check-capture", task_run_name="check-{label}", retries=0)
+def missing_items_task(items: list[dict[str, Any]], output_dir: str, label: str = "capture") -> list[dict[str, Any]]:
+    """The plan items that still lack a valid (indexed, checksummed) shard in `output_dir`."""
+    ok = valid_keys(Path(output_dir), {it["capture_key"] for it in items})
+    return [it for it in items if it["capture_key"] not in ok]
