@@ -43,6 +43,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("run_id", _str), ("recorded_at", _str), ("checkpoint", _str), ("output_dir", _str), ("exact", _bool),
         ("passed", _bool), ("max_abs_logit_diff", _f64), ("mean_kl", _f64), ("top1_agreement", _f64),
         ("hidden_cosine_min", _f64), ("spec", _str),
+        ("status", _str), ("dtype", _str), ("n_probe_tokens", _i64),
     ]),
 }
 

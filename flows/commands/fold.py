@@ -51,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="cast floating tensors of the output to this dtype (default: keep each tensor's dtype; "
                         "the math is float64 either way, cast once)")
+    p.add_argument("--fold-device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where the float64 fold math runs (default: %(default)s; the rotation is compute bound on "
+                        "CPUs: 2·params·d flops)")
     p.add_argument("--max-shard-size", default="2GiB", metavar="SIZE",
                    help="largest output shard, e.g. 2GiB or 500MB (default: %(default)s)")
     p.add_argument("--revision", default=None, help="hub revision of --checkpoint when it is a hub id")
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.probe_texts < 1 or args.probe_max_length < 1:
         raise BadInputError("--probe-texts and --probe-max-length must be >= 1")
-    options = FoldOptions(dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
+    options = FoldOptions(dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite,
+                          device=args.fold_device)
     gate = GateOptions(n_texts=args.probe_texts, max_length=args.probe_max_length,
                        text_files=tuple(args.probe_text_file), device=args.device, max_mean_kl=args.max_kl,
                        max_abs_logit_diff=args.max_logit_diff, min_top1=args.min_top1)

@@ -1,4 +1,5 @@
-"""Llama family: RMSNorm pre-norm decoder, GQA, no attention biases, optional tied embeddings."""
+"""Llama family: RMSNorm pre-norm decoder, GQA, optional tied embeddings; biases only when the
+config sets `attention_bias` (q/k/v/o) or `mlp_bias` (gate/up/down)."""
 
 from __future__ import annotations
 

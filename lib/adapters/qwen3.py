@@ -1,5 +1,6 @@
-"""Qwen3 family: no q/k/v biases, but per-head RMSNorm on q and k (q_norm/k_norm) after the
-projection: never rotate inside a q/k head or touch those gains."""
+"""Qwen3 family: no q/k/v biases (unless `attention_bias`), but per-head RMSNorm on q and k
+(q_norm/k_norm, shape [head_dim], shared by all heads) after the projection: never rotate
+inside a q/k head or touch those gains. Head permutations leave them alone (they are shared)."""
 
 from __future__ import annotations
 

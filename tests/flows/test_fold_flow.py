@@ -42,7 +42,6 @@ def test_bad_spec_fails_fast_without_prefect_and_writes_nothing(make_tiny, tmp_p
     assert code == 2 and "never overwrites its source" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_fold_command_runs_the_flow(prefect_harness, make_tiny, tmp_path, capsys):
     model_dir = make_tiny("qwen2", tie=True)
     run, spec = make_run(tmp_path, model_dir, residual_rotation=random_rotation(128, 4),
@@ -67,7 +66,6 @@ def test_fold_command_runs_the_flow(prefect_harness, make_tiny, tmp_path, capsys
     assert any(a.type == "markdown" and "Fold gate" in (a.data or "") and str(out) in a.data for a in artifacts)
 
 
-@pytest.mark.slow
 def test_failing_gate_fails_the_flow_and_marks_the_output(prefect_harness, make_tiny, tmp_path):
     from flows.fold import fold_flow
 
