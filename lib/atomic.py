@@ -7,6 +7,7 @@ writers into one folder must not interleave index lines.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import tempfile
@@ -23,6 +24,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     """Call `writer(tmp_path)` to fill a temp file beside `path`, fsync it and rename it into place.
 
@@ -31,6 +41,7 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -57,11 +68,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def append_line_durable(path: str | os.PathLike, line: str) -> None:
     """Append one line (newline added) with a single write() and fsync: O_APPEND keeps
-    concurrent appenders from interleaving inside a line."""
+    concurrent appenders from interleaving inside a line. A short write (disk full) is taken
+    back and raised as ENOSPC, so the file never ends in a torn line."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
+        n = os.write(fd, data)
+        if n != len(data):
+            os.ftruncate(fd, os.fstat(fd).st_size - n)
+            raise OSError(errno.ENOSPC, f"No space left on device (appended {n} of {len(data)} bytes; taken back)",
+                          os.fspath(path))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -38,6 +38,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "metrics": pa.schema([
         ("run_id", _str), ("night", _str), ("timestamp", _str), ("variant", _str), ("metric", _str),
         ("layer", _str), ("value", _f64), ("n_tokens", _i64), ("snapshot_digest", _str), ("code_version", _str),
+        ("sample", _str),  # per-sample rows (logit_kl, surprisal); null for whole-snapshot means
     ]),
     "fold": pa.schema([
         ("run_id", _str), ("recorded_at", _str), ("checkpoint", _str), ("output_dir", _str), ("exact", _bool),

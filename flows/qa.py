@@ -1,0 +1,83 @@
+"""The nightly QA flow: for every variant of the eval config — capture (cached) → validate →
+metrics → metrics ledger — then the report flow.
+
+Run it: `tourguide qa --config deployments/eval_template.json` (deployment `nightly` in
+deployments/prefect.yaml runs it on a cron schedule). The teacher is captured first (its failure
+stops the night); a failing variant is logged, listed in the summary artifact and the report, and
+the flow ends Failed after the report — the other variants' rows are already in the ledger.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.capture import capture_flow
+from flows.report import report_flow
+from lib.errors import TourGuideError
+from tasks.qa import load_eval_config_task, prepare_qa_task, publish_qa_summary_task, record_metrics_task
+from tasks.validate import validate_shards
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    night = flow_run.parameters.get("night")
+    return f"qa-{Path(str(flow_run.parameters.get('config', 'config'))).stem}" + (f"-{night}" if night else "")
+
+
+@flow(name="qa", flow_run_name=_run_name, log_prints=False)
+def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on_failure: bool = True) -> dict[str, Any]:
+    """QA every variant of the eval config at `config` against its teacher.
+
+    Returns {"run_id", "night", "results": [per-model summaries], "failures": [{variant, error}],
+    "report": the report flow's result or None}. With failures and `raise_on_failure`, raises
+    after the report is written."""
+    log = get_run_logger()
+    cfg = load_eval_config_task(config)
+    ctx = prepare_qa_task(cfg, night)
+    # QA's own captures: never overwrite the pipeline's activations/<model> (other hook points, dtype)
+    acts = Path(ctx["run_dir"]) / "activations" / "qa"
+    capture_kw = dict(text_files=ctx["sample_files"], layers=list(cfg["layers"]) or None, dtype=cfg["dtype"],
+                      compute_dtype=cfg["compute_dtype"], device=cfg["device"], max_length=cfg["max_length"],
+                      batch_size=cfg["batch_size"], logits=ctx["logits"], hf_home=cfg["hf_home"],
+                      hf_hub_cache=cfg["hf_hub_cache"], limit=cfg["limit"])
+    metrics, layers = list(cfg["metrics"]), ctx["metric_layers"]
+    teacher = cfg["teacher"]
+    t_cap = capture_flow(model=teacher["path"], revision=teacher["revision"], output_dir=str(acts / teacher["name"]),
+                         **capture_kw)
+    validate_shards([t_cap["index"]], label=teacher["name"])
+    results = [record_metrics_task(ctx, teacher["name"], t_cap["index"], None, metrics, None, layers)]
+    failures: list[dict[str, str]] = []
+    # Variants of one checkpoint (e.g. with and without a rotation) share one capture.
+    captured: dict[tuple[str, str | None], Any] = {(teacher["path"], teacher["revision"]): t_cap}
+    for v in cfg["variants"]:
+        try:
+            key = (v["path"], v["revision"])
+            if key not in captured:
+                try:
+                    captured[key] = capture_flow(model=v["path"], revision=v["revision"],
+                                                 output_dir=str(acts / v["name"]), **capture_kw)
+                    validate_shards([captured[key]["index"]], label=v["name"])
+                except Exception as exc:
+                    captured[key] = exc  # the other variants of this checkpoint fail the same way, without a rerun
+            v_cap = captured[key]
+            if isinstance(v_cap, Exception):
+                raise v_cap
+            transports = [[t["kind"], t["path"]] for t in v["transports"]]
+            results.append(record_metrics_task(ctx, v["name"], t_cap["index"], v_cap["index"], metrics, transports, layers))
+        except Exception as exc:  # one variant's failure must not cost the others their rows
+            log.error("variant %s failed: %s: %s", v["name"], type(exc).__name__, exc)
+            failures.append({"variant": v["name"], "error": f"{type(exc).__name__}: {exc}"})
+    publish_qa_summary_task(ctx, results, failures)
+    rep = report_flow(run_id=cfg["run_id"], runs_root=cfg["runs_root"], failures=failures) if report else None
+    if failures and raise_on_failure:
+        names = ", ".join(f["variant"] for f in failures)
+        raise TourGuideError(
+            f"QA of run {cfg['run_id']} night {ctx['night']}: {len(failures)} of {len(cfg['variants'])} variant(s) "
+            f"failed ({names}):\n" + "\n".join(f"  {f['variant']}: {f['error']}" for f in failures)
+            + f"\nThe other variants' rows are in {Path(ctx['run_dir']) / 'ledgers' / 'metrics'}"
+            + (f"; report: {rep['report_path']}" if rep else "") + ". Fix the failing variants and re-run the night.")
+    return {"run_id": cfg["run_id"], "night": ctx["night"], "results": results, "failures": failures, "report": rep}
