@@ -153,3 +153,45 @@ if __name__ == "__main__":
 
 
 __all__: list[Any] = ["Planted", "Recovery", "compare_recovery", "plant_student"]
+
+
+def solved_from_spec(spec_path: str | os.PathLike) -> tuple[np.ndarray | None, dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The solved global rotation and per-layer head / neuron permutations named by a
+    transforms.json (layer keys are block indices)."""
+    from safetensors.numpy import load_file
+
+    spec = Path(spec_path)
+    data = json.loads(spec.read_text(encoding="utf-8"))
+    q = load_file(str(spec.parent / data["residual_rotation_path"]))["rotation"] if data.get("residual_rotation_path") else None
+    heads, neurons = {}, {}
+    for entry in data.get("layers", []):
+        i = int(entry["name"].rsplit(".", 1)[-1])
+        if entry.get("head_permutation_path"):
+            heads[i] = load_file(str(spec.parent / entry["head_permutation_path"]))["permutation"]
+        if entry.get("neuron_permutation_path"):
+            neurons[i] = load_file(str(spec.parent / entry["neuron_permutation_path"]))["permutation"]
+    return q, heads, neurons
+
+
+PLANT_MARKER = "plant.json"
+
+
+def ensure_planted_student(teacher_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 0,
+                           noise: float = 0.01) -> tuple[Planted, bool]:
+    """`plant_student` unless `out_dir` already holds a student planted from the same teacher
+    revision, seed and noise (so a second demo run reuses it). Returns (planted, built)."""
+    from lib.models import folder_revision
+
+    out = Path(out_dir)
+    key = {"teacher": folder_revision(str(Path(teacher_dir).resolve())), "seed": seed, "noise": noise, "v": 1}
+    marker = out / PLANT_MARKER
+    try:
+        if json.loads(marker.read_text()) == key and (out / PLANTED_NAME).exists():
+            return Planted.load(out / PLANTED_NAME), False
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    planted = plant_student(teacher_dir, out, seed=seed, noise=noise)
+    from lib.atomic import write_text_atomic
+
+    write_text_atomic(marker, json.dumps(key) + "\n")
+    return planted, True

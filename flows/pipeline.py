@@ -1,0 +1,138 @@
+"""The pipeline flow: scaffold → capture student + teacher → validate → transports (+ permutations)
+→ transforms.json → fold → equivalence gate → QA over {baseline, rotated, folded} → report.
+
+Run it: `tourguide demo` (a planted student), or from Python:
+    pipeline_flow(PipelineConfig(teacher="…", student="…", run_id="x"))
+Locally every step runs in-process. With `use_deployments`, capture and fold run as the `gpu`
+deployments (`capture/gpu`, `fold/gpu`) through `run_deployment`; results travel as files and
+ledgers, and each child gets an idempotency key so a retried parent starts no duplicates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.capture import capture_flow
+from flows.fold import fold_flow
+from flows.qa import qa_flow
+from flows.rotate import rotate_flow
+from flows.scaffold import scaffold_flow
+from lib.corpus import SAMPLES_DIR, sample_files
+from lib.errors import TourGuideError
+from lib.pipeline import (PipelineConfig, fold_is_current, mark_fold_inputs, model_config_of, spec_inputs_digest,
+                          transport_hook_points, write_eval_config)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    cfg = flow_run.parameters.get("config")
+    run_id = cfg.get("run_id") if isinstance(cfg, dict) else getattr(cfg, "run_id", None)
+    return f"pipeline-{run_id or 'run'}"
+
+
+@task(name="plan-pipeline", task_run_name="plan-{label}")
+def plan_pipeline_task(cfg: dict[str, Any], label: str = "pipeline") -> dict[str, Any]:
+    """Hook points and model facts for the run (reads only config.json files)."""
+    pc = PipelineConfig(**cfg)
+    student = model_config_of(pc.student)
+    return {"hooks": transport_hook_points(student, list(pc.layers), pc.solve_permutations),
+            "blocks": transport_hook_points(student, list(pc.layers), False)}
+
+
+@task(name="fold-inputs", task_run_name="fold-inputs-{label}")
+def fold_inputs_task(spec: str, student: str, output_dir: str, label: str = "fold") -> dict[str, Any]:
+    """Whether `output_dir` already holds a gated fold of exactly these inputs (then it is reused)."""
+    from lib.models import resolve_model
+
+    digest = spec_inputs_digest(spec, resolve_model(student).revision)
+    return {"digest": digest, "current": fold_is_current(output_dir, digest)}
+
+
+@task(name="mark-fold-inputs", task_run_name="mark-fold-{label}")
+def mark_fold_task(output_dir: str, digest: str, label: str = "fold") -> None:
+    mark_fold_inputs(output_dir, digest)
+
+
+@task(name="eval-config", task_run_name="eval-config-{label}")
+def eval_config_task(cfg: dict[str, Any], rotation_path: str | None, folded: str | None, label: str = "run") -> str:
+    pc = PipelineConfig(**cfg)
+    return str(write_eval_config(pc, pc.run_dir(), rotation_path, folded))
+
+
+def _child(deployment: str, parameters: dict[str, Any], key: str) -> None:
+    """Run a `gpu` deployment and wait; the idempotency key makes a retried parent reuse the
+    child run instead of starting a second one."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters=parameters, idempotency_key=key, timeout=None)
+    if not run.state or not run.state.is_completed():
+        raise TourGuideError(f"deployment {deployment} run {run.name} ended {run.state and run.state.name}; "
+                             f"see it in the Prefect UI")
+
+
+@flow(name="pipeline", flow_run_name=_run_name, log_prints=False)
+def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
+    """Run the whole pipeline for `config`; returns the paths and summaries of every step."""
+    from prefect.runtime import flow_run
+
+    log = get_run_logger()
+    cfg = config.model_dump()
+    run_dir = config.run_dir()
+    scaffold = scaffold_flow(run_id=config.run_id, runs_root=config.runs_root)
+    plan = plan_pipeline_task(cfg, label=config.run_id)
+    acts = run_dir / "activations"
+    texts = [str(f) for f in sample_files(SAMPLES_DIR)]
+    capture_kw = dict(text_files=texts, layers=plan["hooks"], dtype=config.dtype, device=config.device,
+                      max_length=config.max_length, batch_size=config.batch_size, limit=config.limit)
+    indexes = {}
+    for side, model in (("student", config.student), ("teacher", config.teacher)):
+        out = str(acts / f"transport-{side}")
+        if config.use_deployments:
+            _child("capture/gpu", {"model": model, "output_dir": out, **capture_kw},
+                   key=f"{flow_run.id}-capture-{side}")
+            indexes[side] = str(Path(out) / "metadata.jsonl")
+        else:
+            indexes[side] = capture_flow(model=model, output_dir=out, **capture_kw)["index"]
+    rotations = run_dir / "rotations"
+    spec = run_dir / "transforms.json"
+    options = {"solve_permutations": config.solve_permutations, "exclude_position0": config.exclude_position0,
+               "pca_dim": config.pca_dim, "model_config": config.student}
+    rot = rotate_flow(student_index=indexes["student"], teacher_index=indexes["teacher"], layers=plan["blocks"],
+                      output_dir=str(rotations), ledger=str(run_dir / "ledgers" / "rotations"),
+                      spec_out=str(spec), options=options, run_id=f"{config.run_id}-rotate")
+    folded = str(run_dir / "checkpoints" / "student-folded")
+    gate: dict[str, Any] | None = None
+    if config.pca_dim is None:
+        inputs = fold_inputs_task(str(spec), config.student, folded, label=config.run_id)
+        if inputs["current"]:
+            log.info("fold output %s is current (same spec, files and source): reused", folded)
+            from lib.fold import read_report
+
+            gate = read_report(folded).get("gate")
+        else:
+            params = {"checkpoint": config.student, "output_dir": folded, "spec": str(spec),
+                      "options": {"overwrite": True}, "label": f"{config.run_id}-student"}
+            if config.use_deployments:
+                _child("fold/gpu", params, key=f"{flow_run.id}-fold")
+                from lib.fold import read_report
+
+                gate = read_report(folded).get("gate")
+            else:
+                gate = fold_flow(**params)["gate"]
+            mark_fold_task(folded, inputs["digest"], label=config.run_id)
+    eval_path = eval_config_task(cfg, rot["global"].get("rotation_path"), folded if gate else None, label=config.run_id)
+    qa = qa_flow(config=eval_path)
+    summary = {"run_id": config.run_id, "run_dir": str(run_dir), "scaffold": scaffold, "indexes": indexes,
+               "rotate": {k: rot[k] for k in ("layers", "global", "spec", "table", "n_tokens", "n_samples")},
+               "gate": gate, "eval_config": eval_path, "qa": qa,
+               "report": (qa.get("report") or {}).get("report_path")}
+    create_markdown_artifact(key=f"pipeline-{config.run_id}".lower().replace("_", "-"),
+                             markdown=f"# Pipeline {config.run_id}\n\n```\n{rot['table']}\n```\n\n"
+                                      f"Gate: `{(gate or {}).get('status')}`  \nReport: `{summary['report']}`\n",
+                             description=f"pipeline summary for run {config.run_id}")
+    return summary
