@@ -1,0 +1,142 @@
+"""End to end against a REAL Prefect server: `prefect server start` on a free loopback port with
+a temporary PREFECT_HOME, the set-up script, `prefect deploy --all` from deployments/prefect.yaml,
+a process worker, and `prefect deployment run 'qa/nightly' --watch` on tiny settings. Asserts
+through the Prefect client that the run completed, its artifacts exist and the nightly schedule
+is registered. Everything is stopped in `finally` blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"prefect server not healthy at {url} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(url, proc)
+        yield url, {**env, "PREFECT_API_URL": url}
+    finally:
+        stop(proc)
+        log.close()
+
+
+def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.mark.slow
+def test_nightly_qa_deployment_on_a_real_server(prefect_server, make_tiny, tmp_path):
+    url, env = prefect_server
+    env = {**env, "TOURGUIDE_HOME": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONPATH": str(ROOT)}
+    run(["bash", "deployments/setup_pools.sh", "1"], env)
+    run(["bash", "deployments/setup_pools.sh", "1"], env)  # idempotent
+    run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env, timeout=600)
+
+    # A tiny scaffolded run and eval config (absolute paths: the worker runs from the checkout).
+    from lib.runs import ScaffoldSpec, scaffold_run
+
+    runs_root = tmp_path / "runs"
+    scaffold_run(ScaffoldSpec(run_id="e2e", runs_root=str(runs_root)))
+    cfg = {"run_id": "e2e", "runs_root": str(runs_root),
+           "teacher": {"name": "teacher", "path": str(make_tiny("qwen3"))},
+           "variants": [{"name": "student", "path": str(make_tiny("qwen3", seed=1)), "transports": []}],
+           "metrics": ["logit_kl", "hidden_state_cosine", "residual_rms", "surprisal"],
+           "dtype": "float32", "device": "cpu", "max_length": 16, "batch_size": 4, "limit": 4}
+    cfg_path = tmp_path / "eval.json"
+    cfg_path.write_text(json.dumps(cfg))
+
+    worker_log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--run-once"], env=env, cwd=ROOT,
+                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        res = run([PREFECT, "deployment", "run", "qa/nightly", "--param", f"config={cfg_path}", "--watch",
+                   "--watch-timeout", "400"], env, timeout=450)
+        assert "Completed" in res.stdout, res.stdout[-2000:]
+    finally:
+        stop(worker)
+        worker_log.close()
+
+    async def inspect():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        async with get_client() as client:
+            dep = await client.read_deployment_by_name("qa/nightly")
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [dep.id]}),
+                                               sort=FlowRunSort.START_TIME_DESC)
+            done = [r for r in runs if r.state and r.state.is_completed()]
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[done[0].id]))) if done else []
+            return dep, done, arts
+
+    os.environ["PREFECT_API_URL"] = url  # the client reads settings from the environment
+    try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: url}):
+            dep, done, arts = asyncio.run(inspect())
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+    assert done, "no completed qa/nightly flow run"
+    crons = [getattr(s.schedule, "cron", None) for s in dep.schedules]
+    assert "0 2 * * *" in crons and dep.schedules[0].schedule.timezone == "Europe/London"
+    assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
+    assert str(dep.concurrency_options.collision_strategy).endswith("CANCEL_NEW")
+    assert arts, "the QA run published no artifacts"
+    assert (runs_root / "e2e" / "report.md").exists()
