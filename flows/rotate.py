@@ -1,0 +1,51 @@
+"""The rotate flow: validate checksums → plan → one mapped task per layer → pooled Q →
+(PCA: mapped cosine pass) → ledger + transforms.json.
+
+Run it: `tourguide rotate --student-index … --teacher-index … --layer model.layers.0 …`
+(or `python -m flows rotate …`). Without PREFECT_API_URL, Prefect starts a throwaway API first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from lib.transports import new_run_id
+from tasks.rotate import (layer_label, pca_cosine_task, plan_rotation_task, pool_rotation_task, record_rotation_task,
+                          solve_layer_task)
+from tasks.validate import validate_shards
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.parameters.get("run_id") or "rotate")
+
+
+# Each layer in flight holds its own O(d²) moments (and, with permutations, O(intermediate²)
+# correlations): bound the mapped concurrency. The CLI's --workers overrides it (with_options).
+DEFAULT_WORKERS = 2
+
+
+@flow(name="rotate", flow_run_name=_run_name, log_prints=False,
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS))
+def rotate_flow(student_index: str, teacher_index: str, layers: list[str] | None = None,
+                output_dir: str = "rotations", ledger: str | None = None, spec_out: str | None = None,
+                options: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
+    """Solve per-layer rotations, the pooled global rotation and (optionally) permutations.
+    `options` is `RotateOptions.to_dict()`. Returns `lib.transports.record_rotation`'s summary."""
+    run_id = run_id or new_run_id()
+    validate_shards([student_index, teacher_index], label="rotate")
+    plan = plan_rotation_task(student_index, teacher_index, layers, output_dir, ledger, spec_out, options, run_id)
+    names = plan["layers"]
+    labels = [layer_label(x) for x in names]
+    results = [f.result() for f in solve_layer_task.map(unmapped(plan), names, labels)]
+    pooled = pool_rotation_task(plan, results)
+    cosines = []
+    if plan["options"].get("pca_dim") is not None:
+        cosines = [f.result() for f in pca_cosine_task.map(unmapped(plan), names, labels)]
+    summary = record_rotation_task(plan, results, pooled, cosines)
+    get_run_logger().info("rotate %s: %d layer(s) → %s", summary["run_id"], len(names), output_dir)
+    return summary

@@ -1,0 +1,70 @@
+"""Prefect tasks of the rotate flow: plan → solve one layer (mapped) → pool → PCA cosines
+(mapped, PCA only) → record. Each is one `lib.transports` call; plans and results are small
+JSON-able dicts, tensors only ever travel as files under --output-dir. Bad input (BadInputError)
+fails at once; only transient I/O is retried (tasks.common.RETRY). Run names: rotate-L03 …
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lib.transports import (RotateOptions, RotationPlan, fmt_value, pca_cosines, plan_rotation, pool_rotation,
+                            record_rotation, solve_layer)
+from tasks.common import RETRY
+
+
+@task(name="rotate-plan", task_run_name="rotate-plan", cache_policy=NO_CACHE, **RETRY)
+def plan_rotation_task(student_index: str, teacher_index: str, layers: list[str] | None, output_dir: str,
+                       ledger: str | None = None, spec_out: str | None = None, options: dict[str, Any] | None = None,
+                       run_id: str | None = None) -> dict[str, Any]:
+    """Pair the tokens and check every input (writes nothing). Returns the plan as a dict."""
+    plan = plan_rotation(student_index, teacher_index, layers, output_dir, ledger=ledger, spec_out=spec_out,
+                         options=RotateOptions.from_dict(options), run_id=run_id)
+    get_run_logger().info("rotate %s: %d layer(s), %d paired tokens from %d sample(s) (%d/%d unpaired), d %d→%d",
+                          plan.run_id, len(plan.layers), plan.n_tokens, len(plan.pairs), plan.unpaired_student,
+                          plan.unpaired_teacher, plan.d_student, plan.d_teacher)
+    return plan.to_dict()
+
+
+@task(name="rotate-layer", task_run_name="rotate-{label}", cache_policy=NO_CACHE, **RETRY)
+def solve_layer_task(plan: dict[str, Any], layer: str, label: str = "layer") -> dict[str, Any]:
+    """Stream one layer's paired rows once; write its moments, rotation (and permutations)."""
+    result = solve_layer(RotationPlan.from_dict(plan), layer)
+    get_run_logger().info("%s: %d tokens, cos before %s, after %s, relative residual %s (%.1f s)", layer,
+                          result["n_tokens"], fmt_value(result["cosine_before"]), fmt_value(result["cosine_after"]),
+                          fmt_value(result["fit_residual"], ".3g"), result["seconds"])
+    return result
+
+
+@task(name="rotate-pool", task_run_name="rotate-pool", cache_policy=NO_CACHE, **RETRY)
+def pool_rotation_task(plan: dict[str, Any], layer_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one foldable rotation Q = polar(Σ w_l C_l) from the saved moments."""
+    pooled = pool_rotation(RotationPlan.from_dict(plan), layer_results)
+    get_run_logger().info("pooled rotation → %s (det %+.0f)", pooled["rotation_path"], pooled["det"])
+    return pooled
+
+
+@task(name="rotate-pca-cosine", task_run_name="rotate-cos-{label}", cache_policy=NO_CACHE, **RETRY)
+def pca_cosine_task(plan: dict[str, Any], layer: str, label: str = "layer") -> dict[str, Any]:
+    """PCA only: the per-token cosines of the k-space maps (a second pass over the layer)."""
+    return pca_cosines(RotationPlan.from_dict(plan), layer)
+
+
+@task(name="rotate-record", task_run_name="rotate-record", cache_policy=NO_CACHE, **RETRY)
+def record_rotation_task(plan: dict[str, Any], layer_results: list[dict[str, Any]], pooled: dict[str, Any],
+                         cosines: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Append the ledger rows, write --spec-out, post the table as a markdown artifact."""
+    summary = record_rotation(RotationPlan.from_dict(plan), layer_results, pooled, cosines or [])
+    create_markdown_artifact(markdown=f"# Rotations {summary['run_id']}\n\n```\n{summary['table']}\n```\n",
+                             description=f"rotate {summary['run_id']}")
+    return summary
+
+
+def layer_label(layer: str) -> str:
+    """'model.layers.3' → 'L03'; other hook points keep their name."""
+    tail = layer.rsplit(".", 1)[-1]
+    return f"L{int(tail):02d}" if layer.startswith("model.layers.") and tail.isdigit() else layer
