@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5)
     v.add_argument("--vllm-max-model-len", type=int, default=None)
     v.add_argument("--vllm-eager", action=argparse.BooleanOptionalAction, default=True,
-                   help="eager mode (hooks need it; CUDA graphs would skip them)")
+                   help="eager mode; hooks need it (CUDA graphs would skip them), so --no-vllm-eager is refused")
     p.set_defaults(func=run)
 
 
@@ -65,11 +65,11 @@ def run(args: argparse.Namespace) -> int:
                        vllm_options=vllm_options)
     # Fail fast on bad input, before Prefect starts its (throwaway) API and before any write.
     check_output_dir(args.output_dir)
-    plan_capture(spec, load_texts(args.text, args.text_file, limit=args.limit))
+    plan = plan_capture(spec, load_texts(args.text, args.text_file, limit=args.limit))
     if args.backend == "vllm":
         from lib.vllm_backend import require_vllm
 
-        require_vllm()
+        require_vllm(spec, plan.hook_points)
     from flows.capture import capture_flow
 
     manifest = capture_flow(model=model, output_dir=args.output_dir, texts=args.text, text_files=args.text_file,

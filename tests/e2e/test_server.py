@@ -100,16 +100,29 @@ def test_nightly_qa_deployment_on_a_real_server(prefect_server, make_tiny, tmp_p
     cfg_path = tmp_path / "eval.json"
     cfg_path.write_text(json.dumps(cfg))
 
+    # Create the run first (the watcher keeps going in the background), then start a worker
+    # with --run-once: it picks up that run, executes it, and exits.
+    watch_log = open(tmp_path / "watch.log", "w+")
+    watcher = subprocess.Popen([PREFECT, "deployment", "run", "qa/nightly", "--param", f"config={cfg_path}",
+                                "--watch", "--watch-timeout", "500"], env=env, cwd=ROOT, stdout=watch_log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     worker_log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--run-once"], env=env, cwd=ROOT,
-                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = None
     try:
-        res = run([PREFECT, "deployment", "run", "qa/nightly", "--param", f"config={cfg_path}", "--watch",
-                   "--watch-timeout", "400"], env, timeout=450)
-        assert "Completed" in res.stdout, res.stdout[-2000:]
+        t0 = time.time()
+        while "Created flow run" not in (tmp_path / "watch.log").read_text():
+            assert watcher.poll() is None and time.time() - t0 < 120, (tmp_path / "watch.log").read_text()
+            time.sleep(0.5)
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--run-once"], env=env, cwd=ROOT,
+                                  stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+        code = watcher.wait(timeout=560)
+        out = (tmp_path / "watch.log").read_text()
+        assert code == 0 and "Completed" in out, out[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
     finally:
+        stop(watcher)
         stop(worker)
         worker_log.close()
+        watch_log.close()
 
     async def inspect():
         from prefect.client.orchestration import get_client
