@@ -8,10 +8,12 @@ flows (with no PREFECT_API_URL set, Prefect starts a throwaway local API: ~15 s;
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 COMMANDS = ["capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa", "report", "demo"]
 
 
@@ -58,6 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     except TourGuideError as exc:
         print(f"tourguide {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        # A full or read-only disk is the user's to fix, not a bug: one line, no traceback.
+        print(f"tourguide {args.command}: error: {exc.filename or ''}: {exc.strerror}. Fix: free space on that disk, "
+              "make the path writable (or readable), or pass another --output-dir; everything written before is "
+              "complete, and the same command resumes.", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -9,6 +9,7 @@ latter only with `torch.load(weights_only=True)` (no arbitrary code from strange
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,8 @@ def summarize_activation_file(path: str | os.PathLike) -> list[LayerSummary]:
         for name, t in _tensors_of(f).items():
             if not name.startswith(ACT_PREFIX):
                 continue
-            x = t.detach().to(torch.float64).reshape(-1, t.shape[-1]) if t.ndim >= 1 else t.reshape(1, 1).double()
+            # leading dims spelled out: reshape(-1, 0) is ambiguous for an empty [T, 0] or [0] tensor
+            x = t.detach().to(torch.float64).reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.ndim >= 1 else t.reshape(1, 1).double()
             key = name[len(ACT_PREFIX):]
             s = acc.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0.0])  # n_tokens, sum, sum|x|, sum x², max|x|
             s[0] += x.shape[0]

@@ -88,9 +88,12 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
             (n,) = struct.unpack("<Q", raw)
             if n > 100 << 20:
                 raise BadInputError(f"{path}: safetensors header of {n} bytes is implausible; the file is corrupt")
-            return json.loads(fh.read(n)), 8 + n
-    except (json.JSONDecodeError, UnicodeDecodeError):
+            header = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BadInputError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object; the file is corrupt")
+    return header, 8 + n
 
 
 class CheckpointReader:
@@ -112,12 +115,17 @@ class CheckpointReader:
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
+                shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+                if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets])):
+                    raise BadInputError(f"{self.folder / f}: tensor {name!r} has a malformed header entry {info!r:.100}; "
+                                        "the file is corrupt")
                 if info.get("dtype") not in ST_DTYPES:
                     raise BadInputError(f"{self.folder / f}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
                 if name in self.entries:
                     raise BadInputError(f"{self.folder}: tensor {name!r} appears in both {self.entries[name].file} and {f}")
-                entry = TensorEntry(name, info["dtype"], tuple(info["shape"]), f, data_start + info["data_offsets"][0])
-                if info["data_offsets"][1] - info["data_offsets"][0] != entry.nbytes:
+                entry = TensorEntry(name, info["dtype"], tuple(shape), f, data_start + offsets[0])
+                if offsets[1] - offsets[0] != entry.nbytes:
                     raise BadInputError(f"{self.folder / f}: tensor {name!r} spans {info['data_offsets']} bytes, its "
                                         f"shape {entry.shape} and dtype {entry.dtype} need {entry.nbytes}; the file is corrupt")
                 self.entries[name] = entry

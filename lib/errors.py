@@ -6,6 +6,8 @@ The CLI turns any `TourGuideError` into a one-paragraph message and exit code 2.
 
 from __future__ import annotations
 
+import errno
+
 
 class TourGuideError(Exception):
     """Base class for errors we raise on purpose (never a bare traceback for the user)."""
@@ -45,6 +47,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, BadInputError | ChecksumError | GateFailedError):
         return False
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:  # a read-only mount stays read-only
         return False
     if isinstance(exc, OSError):
         return True

@@ -173,6 +173,8 @@ def load_eval_config(path: str | os.PathLike, check_paths: bool = True) -> EvalC
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BadInputError(f"{p}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise BadInputError(f"{p}: not valid JSON (nested too deeply)") from None
     elif p.suffix == ".toml":
         import tomllib
 
@@ -180,6 +182,8 @@ def load_eval_config(path: str | os.PathLike, check_paths: bool = True) -> EvalC
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise BadInputError(f"{p}: not valid TOML ({exc})") from None
+        except RecursionError:
+            raise BadInputError(f"{p}: not valid TOML (nested too deeply)") from None
     else:
         raise BadInputError(f"eval config {p}: unknown suffix {p.suffix!r}; use .json or .toml")
     return config_from_dict(data, str(p), check_paths)
@@ -227,11 +231,20 @@ def check_values(cfg: EvalConfig, source: str) -> None:
             raise BadInputError(f"{source}: {key}: must be >= {low}, got {val}")
 
 
+def _probe(test: Any) -> bool:
+    """test() of a path from the config, False when the path is unusable (over-long name, NUL,
+    '~nosuchuser'): pathlib raises for those instead of answering."""
+    try:
+        return bool(test())
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def check_config_paths(cfg: EvalConfig, source: str) -> None:
     """Every model folder / cached hub id and every transport file must exist."""
     for key in ("hf_home", "hf_hub_cache"):
         val = getattr(cfg, key)
-        if val is not None and not Path(val).is_dir():
+        if val is not None and not _probe(lambda: Path(val).is_dir()):
             raise BadInputError(f"{source}: {key}: folder {val} not found")
     models = [("teacher.path", cfg.teacher.path, cfg.teacher.revision)]
     models += [(f"variants[{i}].path", v.path, v.revision) for i, v in enumerate(cfg.variants)]
@@ -239,7 +252,7 @@ def check_config_paths(cfg: EvalConfig, source: str) -> None:
         _check_model(cfg, source, key, ref, revision)
     for i, v in enumerate(cfg.variants):
         for j, t in enumerate(v.transports):
-            if not Path(t.path).is_file():
+            if not _probe(lambda: Path(t.path).is_file()):
                 raise BadInputError(f"{source}: variants[{i}].transports[{j}].path: {t.kind} file {t.path} not found "
                                     "(relative paths are taken from the working directory); run `tourguide rotate` "
                                     "first or fix the path")
@@ -248,9 +261,8 @@ def check_config_paths(cfg: EvalConfig, source: str) -> None:
 def _check_model(cfg: EvalConfig, source: str, key: str, ref: str, revision: str | None) -> None:
     from lib.models import looks_like_path, resolve_model
 
-    p = Path(ref).expanduser()
-    if p.exists() or looks_like_path(ref):
-        if not p.is_dir() or not (p / "config.json").is_file():
+    if _probe(lambda: Path(ref).expanduser().exists()) or looks_like_path(ref):
+        if not _probe(lambda: (Path(ref).expanduser() / "config.json").is_file()):
             raise BadInputError(f"{source}: {key}: model folder {ref} not found or has no config.json "
                                 "(relative paths are taken from the working directory); fix the path")
         return

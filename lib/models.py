@@ -61,8 +61,12 @@ def resolve_model(ref: str, revision: str | None = None, hf_home: str | None = N
     """Resolve `ref` without loading weights. Raises ModelLoadError for a missing local folder
     or a hub id that is not in the cache while offline."""
     cache = hub_cache_dir(hf_home, hf_hub_cache)
-    p = Path(ref).expanduser()
-    if p.exists():
+    try:
+        p = Path(ref).expanduser()
+        exists = p.exists()
+    except (OSError, RuntimeError):  # an over-long name or '~nosuchuser': not a folder we can use
+        p, exists = Path(ref), False
+    if exists:
         if not p.is_dir() or not (p / "config.json").exists():
             raise ModelLoadError(f"{p}: not a model folder (no config.json); pass a folder written by save_pretrained or a hub id")
         return ModelRef(ref, str(p.resolve()), folder_revision(str(p.resolve())), cache)

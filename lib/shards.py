@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +93,12 @@ class ShardRecord:
             if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
                 raise BadInputError(f"{where}: shapes[{name!r}] must be a list of non-negative ints, got {shape!r:.60}")
         shard = row["shard"]
-        if "/" in shard or "\\" in shard or shard in ("", ".", "..") or shard.startswith("."):
+        try:
+            encoded = os.fsencode(shard)
+        except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+            encoded = b"\x00"
+        if ("/" in shard or "\\" in shard or shard in ("", ".", "..") or shard.startswith(".")
+                or b"\x00" in encoded or len(encoded) > 255):  # NUL, unencodable, over-long: os.stat would raise
             raise BadInputError(f"{where}: shard name {shard!r} must be a plain file name inside the index folder")
         if row["n_tokens"] != row["token_end"] - row["token_start"] or row["n_tokens"] < 0:
             raise BadInputError(f"{where}: token span [{row['token_start']}, {row['token_end']}) disagrees with n_tokens={row['n_tokens']}")
@@ -235,9 +241,12 @@ def verify_record(folder: Path, record: ShardRecord) -> str | None:
     """None when the shard exists with the recorded size and sha256, else the reason."""
     path = folder / record.shard
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         return "missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    size = st.st_size
     if size != record.bytes:
         return f"size {size} != recorded {record.bytes} (truncated or overwritten)"
     digest = sha256_file(path)

@@ -455,8 +455,8 @@ def read_spec(spec_path: str | os.PathLike) -> dict[str, Any]:
                             "`tourguide rotate`) or a hand-written one")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path}: not valid JSON ({exc}); fix the file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
+        raise BadInputError(f"{path}: not valid JSON ({str(exc)[:200]}); fix the file") from None
     if not isinstance(spec, dict):
         raise BadInputError(f"{path}: top level must be a JSON object with a 'layers' list")
     if spec.get("version", SPEC_VERSION) != SPEC_VERSION:
@@ -493,11 +493,16 @@ def spec_root(spec_path: str | os.PathLike) -> Path:
 
 
 def resolve_spec_file(spec_path: Path, rel: str, root: Path, allow_outside: bool, where: str) -> Path:
-    file = (spec_path.resolve().parent / rel).resolve()
+    try:
+        file = (spec_path.resolve().parent / rel).resolve()
+        is_file = file.is_file()
+    except (ValueError, OSError) as exc:  # NUL byte, unencodable or over-long name, symlink loop
+        raise BadInputError(f"{where}: path {rel!r:.80} is not a usable file path ({exc.__class__.__name__}); "
+                            "fix the spec") from None
     if not allow_outside and not file.is_relative_to(root):
         raise BadInputError(f"{where}: path {rel!r} resolves to {file}, outside the run directory {root}; "
                             "keep transform files inside the run, or pass --allow-outside-paths")
-    if not file.is_file():
+    if not is_file:
         raise BadInputError(f"{where}: file {rel!r} not found (looked at {file}); paths are relative to the spec's folder")
     return file
 
