@@ -12,6 +12,7 @@ import fcntl
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 
@@ -33,11 +34,12 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], sync_dir: bool = True) -> Path:
     """Call `writer(tmp_path)` to fill a temp file beside `path`, fsync it and rename it into place.
 
     The temp name starts with '.tmp-' so that readers and globbing skip it; on any error the
-    temp file is removed and the final path is left untouched.
+    temp file is removed and the final path is left untouched. `sync_dir=False` leaves the
+    folder's fsync to the caller (one fsync for a batch of renames).
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
@@ -50,7 +52,8 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -58,8 +61,31 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
     return path
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+def write_bytes_atomic(path: str | os.PathLike, data: Any, sync_dir: bool = True) -> Path:
+    """`write_atomic` for bytes (or a list of buffers, written in order without joining them),
+    written and fsynced through one descriptor."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        for part in ([data] if isinstance(data, bytes | bytearray | memoryview) else data):
+            view = memoryview(part).cast("B")
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp_name, path)
+        if sync_dir:
+            fsync_dir(path.parent)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -67,10 +93,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def append_line_durable(path: str | os.PathLike, line: str) -> None:
-    """Append one line (newline added) with a single write() and fsync: O_APPEND keeps
-    concurrent appenders from interleaving inside a line. A short write (disk full) is taken
-    back and raised as ENOSPC, so the file never ends in a torn line."""
-    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    """Append one line (newline added); see `append_lines_durable`."""
+    append_lines_durable(path, [line])
+
+
+def append_lines_durable(path: str | os.PathLike, lines: list[str]) -> None:
+    """Append lines (newlines added) with a single write() and fsync: O_APPEND keeps concurrent
+    appenders from interleaving inside a line. A short write (disk full) is taken back and
+    raised as ENOSPC, so the file never ends in a torn line."""
+    data = "".join(line.rstrip("\n") + "\n" for line in lines).encode("utf-8")
+    if not data:
+        return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         n = os.write(fd, data)

@@ -22,7 +22,7 @@ from lib.digests import sha256_json
 from lib.errors import BadInputError
 from lib.models import DTYPES, ModelRef, load_model, load_tokenizer, pick_device, read_config, resolve_model, torch_dtype
 from lib.shards import (ACT_PREFIX, INDEX_NAME, INPUT_SUFFIX, LAYER_CONVENTION, ShardRecord, commit_shards,
-                        make_payload_record, read_index, serialize_shard, shard_name, verify_record)
+                        make_payload_record, read_index, shard_name, shard_parts, verify_record)
 
 CAPTURE_VERSION = "1"  # bump when shard contents change for the same inputs
 FORWARD_BATCHES = 0  # forward passes run in this process (tests assert cache hits run none)
@@ -298,8 +298,8 @@ def shard_metadata(spec: CaptureSpec, plan: CapturePlan, item: PlanItem) -> dict
     }
 
 
-def build_record(spec: CaptureSpec, plan: CapturePlan, item: PlanItem, tensors: dict[str, Any]) -> tuple[ShardRecord, bytes]:
-    payload = serialize_shard(tensors, shard_metadata(spec, plan, item))
+def build_record(spec: CaptureSpec, plan: CapturePlan, item: PlanItem, tensors: dict[str, Any]) -> tuple[ShardRecord, list[Any]]:
+    payload = shard_parts(tensors, shard_metadata(spec, plan, item))  # zero-copy buffers
     fields = dict(
         shard=item.shard, sample_id=item.sample_id, sample_index=item.sample_index, text_sha256=item.text_sha256,
         token_start=item.token_start, token_end=item.token_start + len(item.token_ids), n_tokens=len(item.token_ids),

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lib.atomic import append_line_durable, write_atomic
+from lib.atomic import append_lines_durable, write_atomic
 from lib.errors import BadInputError
 
 _f64, _i64, _str, _bool = pa.float64(), pa.int64(), pa.string(), pa.bool_()
@@ -74,8 +74,8 @@ def append_rows(path: str | os.PathLike, name: str, rows: Sequence[dict[str, Any
     table = _coerce(rows, schema, name)  # validate before anything is written
     if path.suffix == ".jsonl":
         path.parent.mkdir(parents=True, exist_ok=True)
-        for r in table.to_pylist():
-            append_line_durable(path, json.dumps(r, sort_keys=True, ensure_ascii=False))
+        # One write for the whole append: concurrent appenders never interleave their rows.
+        append_lines_durable(path, [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in table.to_pylist()])
         return path
     folder = path
     folder.mkdir(parents=True, exist_ok=True)

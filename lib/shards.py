@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib.atomic import append_line_durable, locked, write_bytes_atomic, write_text_atomic
-from lib.digests import sha256_bytes, sha256_file
+from lib.atomic import append_lines_durable, fsync_dir, locked, write_bytes_atomic, write_text_atomic
+from lib.digests import sha256_file
 from lib.errors import BadInputError, ChecksumError
 
 INDEX_NAME = "metadata.jsonl"
@@ -149,8 +149,9 @@ _ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": 
               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-def serialize_shard(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes for `tensors` (torch) with string `metadata` in the header.
+def shard_parts(tensors: dict[str, Any], metadata: dict[str, str]) -> list[Any]:
+    """The bytes of a shard as a list of buffers (header, then each tensor's data, zero-copy
+    views where the tensor is contiguous on CPU), for hashing and `writev` without joining.
 
     We lay the bytes out ourselves (the format is 8-byte LE header length, JSON header, raw
     little-endian data) so that equal inputs give equal bytes: the library's writer orders
@@ -162,20 +163,25 @@ def serialize_shard(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise BadInputError("shard metadata must map str -> str")
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    blobs: list[bytes] = []
+    blobs: list[Any] = []
     offset = 0
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         code = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
         if code is None:
             raise BadInputError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a shard")
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + raw.nbytes]}
         blobs.append(raw)
-        offset += len(raw)
+        offset += raw.nbytes
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+    return [struct.pack("<Q", len(head)) + head, *blobs]
+
+
+def serialize_shard(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes for `tensors` (torch) with string `metadata` in the header (see shard_parts)."""
+    return b"".join(shard_parts(tensors, metadata))
 
 
 def commit_shards(out_dir: Path, items: Sequence[tuple[ShardRecord, bytes]]) -> list[ShardRecord]:
@@ -194,6 +200,16 @@ def commit_shards(out_dir: Path, items: Sequence[tuple[ShardRecord, bytes]]) -> 
         existing = {r.capture_key: r for r in rows}
         by_shard = {r.shard: r for r in rows}
         stale = False
+        pending: list[ShardRecord] = []
+
+        def flush() -> None:
+            # Shards are complete and their renames durable before their rows exist: a crash
+            # before the append leaves unindexed shards that the next run simply rewrites.
+            if pending:
+                fsync_dir(out_dir)
+                append_lines_durable(index_path, [r.to_json() for r in pending])
+                pending.clear()
+
         for record, payload in items:
             prior = existing.get(record.capture_key)
             if prior is not None and verify_record(out_dir, prior) is None:
@@ -203,17 +219,18 @@ def commit_shards(out_dir: Path, items: Sequence[tuple[ShardRecord, bytes]]) -> 
             if stale:
                 # Drop the row that names this file before overwriting it: a crash in between
                 # then leaves an unindexed file, never an index row with the wrong checksum.
+                flush()
                 rows = [r for r in rows if r.shard != record.shard and r.capture_key != record.capture_key]
                 write_text_atomic(index_path, "".join(r.to_json() + "\n" for r in rows))
                 stale = False
-            write_bytes_atomic(out_dir / record.shard, payload)
-            # The shard is complete on disk before its row exists: a crash here leaves an
-            # unindexed shard that the next run simply rewrites.
-            append_line_durable(index_path, record.to_json())
+            # fsync the file now, the folder once per batch (flush), before any row names it.
+            write_bytes_atomic(out_dir / record.shard, payload, sync_dir=False)
+            pending.append(record)
             rows.append(record)
             existing[record.capture_key] = record
             by_shard[record.shard] = record
             written.append(record)
+        flush()
     return written
 
 
@@ -233,8 +250,15 @@ def compact_index(out_dir: Path) -> None:
         write_text_atomic(index_path, "".join(r.to_json() + "\n" for r in keep.values()))
 
 
-def make_payload_record(record_fields: dict[str, Any], payload: bytes) -> ShardRecord:
-    return ShardRecord(**record_fields, sha256=sha256_bytes(payload), bytes=len(payload))
+def make_payload_record(record_fields: dict[str, Any], payload: Any) -> ShardRecord:
+    """The index row for `payload` (bytes, or the buffer list of `shard_parts`)."""
+    import hashlib
+
+    parts = [payload] if isinstance(payload, bytes | bytearray | memoryview) else list(payload)
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return ShardRecord(**record_fields, sha256=h.hexdigest(), bytes=sum(memoryview(p).nbytes for p in parts))
 
 
 def verify_record(folder: Path, record: ShardRecord) -> str | None:

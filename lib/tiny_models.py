@@ -52,6 +52,7 @@ class TinySpec:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 512
     seed: int = 0
+    vocab_size: int | None = None  # None: the tokenizer's size; larger pads the embedding (benchmarks)
 
 
 def make_config(spec: TinySpec, vocab_size: int, pad_token_id: int, eos_token_id: int):
@@ -100,7 +101,7 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinySpec = TinySpec(),
     if tokenizer_dir is None:
         tokenizer_dir = train_tokenizer(out)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = make_config(spec, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = make_config(spec, vocab_size=max(len(tok), spec.vocab_size or 0), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_extras(model, spec.seed)

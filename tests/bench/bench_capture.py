@@ -28,8 +28,8 @@ def build_model(out: Path, quick: bool) -> Path:
     tok = train_tokenizer(out / "tok", vocab_size=1024)
     spec = (TinySpec(family="qwen3", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                      intermediate_size=768) if quick else
-            TinySpec(family="qwen3", hidden_size=768, num_layers=16, num_heads=12, num_kv_heads=4, head_dim=64,
-                     intermediate_size=2048))
+            TinySpec(family="qwen3", hidden_size=768, num_layers=14, num_heads=12, num_kv_heads=4, head_dim=64,
+                     intermediate_size=2048, vocab_size=32768))
     return build_tiny_model(out / "model", spec, tokenizer_dir=tok)
 
 
