@@ -61,11 +61,13 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
     pending = missing_items_task(items, str(out), label=model_slug(model))
     bar = tqdm(total=len(items), desc=f"capture {model_slug(model)}", unit="sample",
                disable=not progress, file=sys.stderr)
-    for i, batch in enumerate(batches_d):
-        capture_batch(spec_d, batch, hooks, digest, str(out), label=_label(model, batch))
-        bar.update(len(batch))
-        update_progress_artifact(artifact, progress=100.0 * (i + 1) / max(len(batches_d), 1))
-    bar.close()
+    try:
+        for i, batch in enumerate(batches_d):
+            capture_batch(spec_d, batch, hooks, digest, str(out), label=_label(model, batch))
+            bar.update(len(batch))
+            update_progress_artifact(artifact, progress=100.0 * (i + 1) / max(len(batches_d), 1))
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on a line of its own
     # A cache hit only proves the batch ran once: recompute exactly the samples whose shard is
     # gone or fails its checksum, bypassing the cache for them.
     missing = missing_items_task(items, str(out), label=model_slug(model))
