@@ -153,3 +153,62 @@ def test_nightly_qa_deployment_on_a_real_server(prefect_server, make_tiny, tmp_p
     assert str(dep.concurrency_options.collision_strategy).endswith("CANCEL_NEW")
     assert arts, "the QA run published no artifacts"
     assert (runs_root / "e2e" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_gpu_steps_as_deployments(prefect_server, make_tiny, tmp_path):
+    """use_deployments: the pipeline (on the cpu pool) starts capture and fold as `gpu`
+    deployments through run_deployment, with idempotency keys; results travel as files."""
+    url, env = prefect_server
+    env = {**env, "TOURGUIDE_HOME": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONPATH": str(ROOT)}
+    run(["bash", "deployments/setup_pools.sh", "1"], env)
+    run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env, timeout=600)
+    from lib.demo import plant_student
+
+    teacher = make_tiny("qwen3")
+    student = tmp_path / "student"
+    plant_student(teacher, student, noise=0.0, seed=5)
+    cfg = {"run_id": "pipe", "runs_root": str(tmp_path / "runs"), "teacher": str(teacher), "student": str(student),
+           "limit": 6, "max_length": 16, "batch_size": 8, "device": "cpu", "use_deployments": True}
+    logs = [open(tmp_path / f"worker-{p}.log", "w") for p in ("cpu", "gpu")]
+    workers = [subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--limit", "1"], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+               for pool, log in zip(("cpu", "gpu"), logs, strict=True)]
+    try:
+        res = run([PREFECT, "deployment", "run", "pipeline/cpu", "--param", f"config={json.dumps(cfg)}", "--watch",
+                   "--watch-timeout", "500"], env, timeout=560)
+        assert "Completed" in res.stdout, res.stdout[-2000:]
+    finally:
+        for w in workers:
+            stop(w)
+        for log in logs:
+            log.close()
+    report = json.loads((tmp_path / "runs" / "pipe" / "checkpoints" / "student-folded" / "fold_report.json").read_text())
+    assert report["status"] == "passed"
+    assert (tmp_path / "runs" / "pipe" / "report.md").exists()
+
+    async def children():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter
+        from prefect.deployments import run_deployment
+
+        async with get_client() as client:
+            out = {}
+            for name in ("capture/gpu", "fold/gpu"):
+                dep = await client.read_deployment_by_name(name)
+                out[name] = await client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [dep.id]}))
+            # the same idempotency key never starts a second child run
+            a = await run_deployment("report/cpu", parameters={"run_id": "pipe", "runs_root": cfg["runs_root"]},
+                                     idempotency_key="e2e-once", timeout=0)
+            b = await run_deployment("report/cpu", parameters={"run_id": "pipe", "runs_root": cfg["runs_root"]},
+                                     idempotency_key="e2e-once", timeout=0)
+            return out, a.id, b.id
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        runs, first, second = asyncio.run(children())
+    assert len(runs["capture/gpu"]) == 2 and all(r.state.is_completed() for r in runs["capture/gpu"])
+    assert {r.work_pool_name for r in runs["capture/gpu"] + runs["fold/gpu"]} == {"gpu"}
+    assert len(runs["fold/gpu"]) == 1 and runs["fold/gpu"][0].state.is_completed()
+    assert first == second
