@@ -58,28 +58,26 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
     items, hooks, digest = plan["items"], plan["hook_points"], plan["config_digest"]
     batches_d = [[asdict(it) for it in b] for b in batches_by_length(_objs(items), batch_size)]
     artifact = create_progress_artifact(progress=0.0, description=f"capture {model} → {out}")
+    # One hashing pass up front: the samples whose shard is absent, gone or corrupt. A cache hit
+    # only proves that a batch ran once, so a batch holding such a sample bypasses the cache;
+    # inside it, samples that still have a valid shard are not recomputed.
     pending = missing_items_task(items, str(out), label=model_slug(model))
+    pending_keys = {it["capture_key"] for it in pending}
     bar = tqdm(total=len(items), desc=f"capture {model_slug(model)}", unit="sample",
                disable=not progress, file=sys.stderr)
     try:
         for i, batch in enumerate(batches_d):
-            capture_batch(spec_d, batch, hooks, digest, str(out), label=_label(model, batch))
+            stale = any(it["capture_key"] in pending_keys for it in batch)
+            run_batch = capture_batch.with_options(refresh_cache=True) if stale else capture_batch
+            run_batch(spec_d, batch, hooks, digest, str(out), label=_label(model, batch))
             bar.update(len(batch))
             update_progress_artifact(artifact, progress=100.0 * (i + 1) / max(len(batches_d), 1))
     finally:
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
-    # A cache hit only proves the batch ran once: recompute exactly the samples whose shard is
-    # gone or fails its checksum, bypassing the cache for them.
-    missing = missing_items_task(items, str(out), label=model_slug(model))
-    if missing:
-        log.warning("%d cached sample(s) lack a valid shard; recomputing them", len(missing))
-        for batch in batches_by_length(_objs(missing), batch_size):
-            b = [asdict(it) for it in batch]
-            capture_batch.with_options(refresh_cache=True)(spec_d, b, hooks, digest, str(out), label=_label(model, b))
-        still = missing_items_task(items, str(out), label=model_slug(model))
-        if still:
-            raise ChecksumError(f"{len(still)} sample(s) still lack a valid shard in {out} after recomputing: "
-                                f"{[m['sample_id'] for m in still][:10]}")
+    absent = missing_items_task(items, str(out), label=model_slug(model), verify=False)
+    if absent:
+        raise ChecksumError(f"{len(absent)} sample(s) have no index row in {out} after capturing: "
+                            f"{[m['sample_id'] for m in absent][:10]}; re-run the same command")
     validate_shards([str(out / "metadata.jsonl")], label=model_slug(model))
     manifest = {"index": str(out / "metadata.jsonl"), "n_samples": len(items), "n_computed": len(pending),
                 "n_reused": len(items) - len(pending), "config_digest": digest, "hook_points": hooks}

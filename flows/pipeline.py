@@ -23,6 +23,7 @@ from flows.rotate import rotate_flow
 from flows.scaffold import scaffold_flow
 from lib.corpus import SAMPLES_DIR, sample_files
 from lib.errors import TourGuideError
+from lib.fold import read_report
 from lib.pipeline import (PipelineConfig, fold_is_current, mark_fold_inputs, model_config_of, spec_inputs_digest,
                           transport_hook_points, write_eval_config)
 
@@ -111,16 +112,12 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
         inputs = fold_inputs_task(str(spec), config.student, folded, label=config.run_id)
         if inputs["current"]:
             log.info("fold output %s is current (same spec, files and source): reused", folded)
-            from lib.fold import read_report
-
             gate = read_report(folded).get("gate")
         else:
             params = {"checkpoint": config.student, "output_dir": folded, "spec": str(spec),
                       "options": {"overwrite": True}, "label": f"{config.run_id}-student"}
             if config.use_deployments:
                 _child("fold/gpu", params, key=f"{flow_run.id}-fold")
-                from lib.fold import read_report
-
                 gate = read_report(folded).get("gate")
             else:
                 gate = fold_flow(**params)["gate"]

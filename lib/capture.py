@@ -177,14 +177,14 @@ def module_names_for(model_dir: str, revision: str) -> set[str]:
     return module_names_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
-def valid_keys(out_dir: Path, keys: set[str] | None = None) -> set[str]:
+def valid_keys(out_dir: Path, keys: set[str] | None = None, verify: bool = True) -> set[str]:
     """Capture keys (restricted to `keys` when given) indexed in `out_dir` with a shard that
-    passes its size + sha256 check."""
+    passes its size + sha256 check (`verify=False`: merely indexed, nothing hashed)."""
     index = out_dir / INDEX_NAME
     if not index.exists():
         return set()
     rows = [r for r in read_index(index) if keys is None or r.capture_key in keys]
-    return {r.capture_key for r in rows if verify_record(out_dir, r) is None}
+    return {r.capture_key for r in rows if not verify or verify_record(out_dir, r) is None}
 
 
 def pending_items(plan: CapturePlan, out_dir: Path) -> list[PlanItem]:
@@ -345,11 +345,7 @@ def run_capture(spec: CaptureSpec, samples: list[Sample], out_dir: str | os.Path
     out = check_output_dir(out_dir)
     plan = plan_capture(spec, samples)
     out.mkdir(parents=True, exist_ok=True)
-    todo = pending_items(plan, out)
-    if todo:
-        from lib.shards import compact_index
-
-        compact_index(out)  # stale rows of shards we are about to rewrite go first
+    todo = pending_items(plan, out)  # commit_shards replaces the stale rows of these
     for batch in batches_by_length(todo, spec.batch_size):
         capture_items(spec, plan, batch, out)
     return {"index": str(out / INDEX_NAME), "n_samples": len(plan.items), "n_computed": len(todo),

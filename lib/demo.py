@@ -16,7 +16,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -151,8 +150,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-
-__all__: list[Any] = ["Planted", "Recovery", "compare_recovery", "plant_student"]
 
 
 def solved_from_spec(spec_path: str | os.PathLike) -> tuple[np.ndarray | None, dict[int, np.ndarray], dict[int, np.ndarray]]:

@@ -234,22 +234,6 @@ def commit_shards(out_dir: Path, items: Sequence[tuple[ShardRecord, bytes]]) -> 
     return written
 
 
-def compact_index(out_dir: Path) -> None:
-    """Drop rows whose shard is missing/corrupt and duplicate capture keys (keep the last valid)."""
-    index_path = out_dir / INDEX_NAME
-    if not index_path.exists():
-        return
-    with locked(out_dir / LOCK_NAME):
-        rows = read_index(index_path)
-        keep: dict[str, ShardRecord] = {}
-        for r in rows:
-            if verify_record(out_dir, r) is None:
-                keep[r.capture_key] = r
-        if len(keep) == len(rows):
-            return
-        write_text_atomic(index_path, "".join(r.to_json() + "\n" for r in keep.values()))
-
-
 def make_payload_record(record_fields: dict[str, Any], payload: Any) -> ShardRecord:
     """The index row for `payload` (bytes, or the buffer list of `shard_parts`)."""
     import hashlib
