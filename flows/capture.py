@@ -14,9 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm.auto import tqdm
 
-from lib.capture import CaptureSpec, batches_by_length, check_output_dir
-from lib.corpus import SAMPLES_DIR, load_texts
-from lib.errors import ChecksumError
+from lib.capture.plan import batches_by_length
+from lib.capture.run import check_output_dir
+from lib.capture.spec import CaptureSpec
+from lib.core.errors import ChecksumError
+from lib.store.corpus import SAMPLES_DIR, load_texts
 from tasks.capture import capture_batch, missing_items_task, model_slug, plan_capture_task
 from tasks.validate import validate_shards
 
@@ -86,6 +88,6 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
 
 
 def _objs(items: list[dict[str, Any]]):
-    from lib.capture import PlanItem
+    from lib.capture.plan import PlanItem
 
     return [PlanItem(**{**it, "token_ids": tuple(it["token_ids"])}) for it in items]

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _not_available(name: str):
     def run(args: argparse.Namespace) -> int:
-        from lib.errors import BadInputError
+        from lib.core.errors import BadInputError
 
         raise BadInputError(f"`tourguide {name}` is not available in this build yet")
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     if not getattr(args, "command", None):
         parser.print_help()
         sys.exit(0)
-    from lib.errors import TourGuideError
+    from lib.core.errors import TourGuideError
 
     try:
         code = args.func(args)

@@ -12,9 +12,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.pipeline import pipeline_flow
-from lib.demo import compare_recovery, ensure_planted_student, solved_from_spec
-from lib.demo_teacher import DemoRecipe, ensure_demo_teacher
-from lib.pipeline import PipelineConfig
+from lib.demo.planted import compare_recovery, ensure_planted_student, solved_from_spec
+from lib.demo.teacher import DemoRecipe, ensure_demo_teacher
+from lib.pipeline.config import PipelineConfig
 
 
 @task(name="demo-teacher", task_run_name="demo-teacher")
@@ -33,7 +33,7 @@ def plant_student_task(teacher: str, out_dir: str, seed: int, noise: float) -> d
 @task(name="recovery", task_run_name="recovery")
 def recovery_task(student: str, spec: str) -> dict[str, Any]:
     """How close the solved transforms are to the inverse of the planted ones."""
-    from lib.demo import PLANTED_NAME, Planted
+    from lib.demo.planted import PLANTED_NAME, Planted
 
     planted = Planted.load(Path(student) / PLANTED_NAME)
     q, heads, neurons = solved_from_spec(spec)

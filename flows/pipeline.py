@@ -21,11 +21,18 @@ from flows.fold import fold_flow
 from flows.qa import qa_flow
 from flows.rotate import rotate_flow
 from flows.scaffold import scaffold_flow
-from lib.corpus import SAMPLES_DIR, sample_files
-from lib.errors import TourGuideError
-from lib.fold import read_report
-from lib.pipeline import (PipelineConfig, fold_is_current, mark_fold_inputs, model_config_of, spec_inputs_digest,
-                          transport_hook_points, write_eval_config)
+from lib.core.errors import TourGuideError
+from lib.fold.checkpoint import read_report
+from lib.pipeline.config import PipelineConfig
+from lib.pipeline.steps import (
+    fold_is_current,
+    mark_fold_inputs,
+    model_config_of,
+    spec_inputs_digest,
+    transport_hook_points,
+    write_eval_config,
+)
+from lib.store.corpus import SAMPLES_DIR, sample_files
 
 
 def _run_name() -> str:
@@ -48,7 +55,7 @@ def plan_pipeline_task(cfg: dict[str, Any], label: str = "pipeline") -> dict[str
 @task(name="fold-inputs", task_run_name="fold-inputs-{label}")
 def fold_inputs_task(spec: str, student: str, output_dir: str, label: str = "fold") -> dict[str, Any]:
     """Whether `output_dir` already holds a gated fold of exactly these inputs (then it is reused)."""
-    from lib.models import resolve_model
+    from lib.models.loading import resolve_model
 
     digest = spec_inputs_digest(spec, resolve_model(student).revision)
     return {"digest": digest, "current": fold_is_current(output_dir, digest)}

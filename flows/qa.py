@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 
 from flows.capture import capture_flow
 from flows.report import report_flow
-from lib.errors import TourGuideError
+from lib.core.errors import TourGuideError
 from tasks.qa import load_eval_config_task, prepare_qa_task, publish_qa_summary_task, record_metrics_task
 from tasks.validate import validate_shards
 

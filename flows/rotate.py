@@ -12,9 +12,15 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lib.transports import new_run_id
-from tasks.rotate import (layer_label, pca_cosine_task, plan_rotation_task, pool_rotation_task, record_rotation_task,
-                          solve_layer_task)
+from lib.transport.plan import new_run_id
+from tasks.rotate import (
+    layer_label,
+    pca_cosine_task,
+    plan_rotation_task,
+    pool_rotation_task,
+    record_rotation_task,
+    solve_layer_task,
+)
 from tasks.validate import validate_shards
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow
 
-from lib.runs import ScaffoldSpec, new_run_id
+from lib.store.runs import ScaffoldSpec, new_run_id
 from tasks.scaffold import scaffold_run_task
 
 

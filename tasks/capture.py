@@ -11,9 +11,10 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from lib.capture import (CAPTURE_VERSION, CaptureSpec, PlanItem, capture_items, plan_capture, plan_from_items,
-                         valid_keys)
-from lib.corpus import Sample
+from lib.capture.plan import PlanItem, plan_capture, plan_from_items, valid_keys
+from lib.capture.run import capture_items
+from lib.capture.spec import CAPTURE_VERSION, CaptureSpec
+from lib.store.corpus import Sample
 from tasks.common import RETRY
 
 

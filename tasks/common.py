@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lib.errors import is_transient
+from lib.core.errors import is_transient
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

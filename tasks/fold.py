@@ -13,8 +13,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lib.equivalence import GateOptions, format_gate, gate_failure, gate_from_spec
-from lib.fold import FoldOptions, fold_from_spec, prepare_fold
+from lib.fold.checkpoint import fold_from_spec, prepare_fold
+from lib.fold.gate import GateOptions, format_gate
+from lib.fold.gate_record import gate_failure, gate_from_spec
+from lib.fold.options import FoldOptions
 from tasks.common import RETRY
 
 

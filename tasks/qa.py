@@ -14,8 +14,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lib.eval_config import load_eval_config
-from lib.metrics import RecordContext, prepare_qa, record_metrics
+from lib.qa.eval_config import load_eval_config
+from lib.qa.record import RecordContext, prepare_qa, record_metrics
 from tasks.common import RETRY
 
 
@@ -41,7 +41,7 @@ def metrics_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     import hashlib
     from pathlib import Path
 
-    from lib.digests import sha256_file, tensor_digest
+    from lib.core.digests import sha256_file, tensor_digest
 
     ctx = parameters["context"]
     h = hashlib.sha256()

@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lib.report import render_report
+from lib.qa.report import render_report
 from tasks.common import RETRY
 
 

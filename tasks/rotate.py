@@ -12,8 +12,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lib.transports import (RotateOptions, RotationPlan, fmt_value, pca_cosines, plan_rotation, pool_rotation,
-                            record_rotation, solve_layer)
+from lib.transport.options import RotateOptions
+from lib.transport.plan import RotationPlan, plan_rotation
+from lib.transport.pool import pca_cosines, pool_rotation
+from lib.transport.record import fmt_value, record_rotation
+from lib.transport.solve import solve_layer
 from tasks.common import RETRY
 
 

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lib.runs import ScaffoldSpec, scaffold_run
+from lib.store.runs import ScaffoldSpec, scaffold_run
 from tasks.common import RETRY
 
 

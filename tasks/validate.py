@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.context import TaskRunContext
 
-from lib.shards import require_valid, validate_indexes
+from lib.store.validation import require_valid, validate_indexes
 
 
 @task(name="validate-shards", task_run_name="validate-{label}")

@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from lib.tiny_models import TinySpec, build_tiny_model, train_tokenizer  # noqa: E402
+from lib.testing.tiny_models import TinySpec, build_tiny_model, train_tokenizer
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 

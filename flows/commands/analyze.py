@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib.analysis import format_summary_table, summarize_activation_file
+    from lib.store.analysis import format_summary_table, summarize_activation_file
 
     print(format_summary_table(summarize_activation_file(args.path)))
     return 0

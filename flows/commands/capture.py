@@ -47,12 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib.capture import CaptureSpec, check_output_dir, plan_capture
-    from lib.corpus import load_texts
+    from lib.capture.plan import plan_capture
+    from lib.capture.run import check_output_dir
+    from lib.capture.spec import CaptureSpec
+    from lib.store.corpus import load_texts
 
     model = args.model
     if model is None:
-        from lib.demo_teacher import ensure_demo_teacher
+        from lib.demo.teacher import ensure_demo_teacher
 
         model = str(ensure_demo_teacher())
     vllm_options = {"tensor_parallel_size": args.vllm_tensor_parallel_size,
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output_dir)
     plan = plan_capture(spec, load_texts(args.text, args.text_file, limit=args.limit))
     if args.backend == "vllm":
-        from lib.vllm_backend import require_vllm
+        from lib.capture.vllm_backend import require_vllm
 
         require_vllm(spec, plan.hook_points)
     from flows.capture import capture_flow
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{manifest['n_samples']} sample(s): {manifest['n_computed']} computed, {manifest['n_reused']} reused "
           f"→ {manifest['index']}")
     if args.analyze:
-        from lib.analysis import format_summary_table, summarize_activation_file
+        from lib.store.analysis import format_summary_table, summarize_activation_file
 
         print(format_summary_table(summarize_activation_file(args.output_dir)))
     return 0

@@ -77,10 +77,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib.checkpoint_io import parse_size
-    from lib.equivalence import GateOptions
-    from lib.errors import BadInputError
-    from lib.fold import FoldOptions, prepare_fold
+    from lib.core.errors import BadInputError
+    from lib.fold.checkpoint import prepare_fold
+    from lib.fold.checkpoint_io import parse_size
+    from lib.fold.gate import GateOptions
+    from lib.fold.options import FoldOptions
 
     if args.probe_texts < 1 or args.probe_max_length < 1:
         raise BadInputError("--probe-texts and --probe-max-length must be >= 1")
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_fold(args.checkpoint, args.spec, args.output_dir, options, revision=args.revision,
                  hf_home=args.hf_home, hf_hub_cache=args.hf_hub_cache, **common)
     for f in args.probe_text_file:
-        from lib.corpus import read_lines
+        from lib.store.corpus import read_lines
 
         read_lines(f)
 

@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib.eval_config import load_eval_config
-    from lib.runs import verify_snapshot
+    from lib.qa.eval_config import load_eval_config
+    from lib.store.runs import verify_snapshot
 
     # Fail fast on bad input, before Prefect starts its (throwaway) API and before any write.
     cfg = load_eval_config(args.config)

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib.runs import load_run
+    from lib.store.runs import load_run
 
     load_run(args.runs_root, args.run_id)  # fail fast (never scaffolded → clear error), before Prefect starts
     if args.flow or os.environ.get("PREFECT_API_URL"):
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = report_flow(run_id=args.run_id, runs_root=args.runs_root)
     else:
-        from lib.report import render_report
+        from lib.qa.report import render_report
 
         result = render_report(args.runs_root, args.run_id).to_dict()
     print(f"report: {result['report_path']} (latest night {result['latest_night'] or '—'}, "

@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib.transports import RotateOptions, new_run_id, plan_rotation
+    from lib.transport.options import RotateOptions
+    from lib.transport.plan import new_run_id, plan_rotation
 
     options = RotateOptions(pca_dim=args.pca_dim, exclude_position0=args.exclude_position0,
                             layer_weights=tuple(args.layer_weight or ()), pool_scale=args.pool_scale,
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     plan_rotation(args.student_index, args.teacher_index, args.layer, args.output_dir, ledger=args.ledger,
                   spec_out=args.spec_out, options=options, run_id=run_id, check_tokens=False)
     if args.workers < 1:
-        from lib.errors import BadInputError
+        from lib.core.errors import BadInputError
 
         raise BadInputError(f"--workers must be >= 1, got {args.workers}")
     from prefect.task_runners import ThreadPoolTaskRunner

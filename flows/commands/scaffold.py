@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib.runs import ScaffoldSpec, new_run_id
+    from lib.store.runs import ScaffoldSpec, new_run_id
 
     kw = dict(run_id=args.run_id or new_run_id(), runs_root=args.runs_root, prompts=tuple(args.prompt or ()),
               tokenizer_name=args.tokenizer_name, tokenizer_version=args.tokenizer_version,
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         kw["prompts_dir"] = args.prompts_dir
     spec = ScaffoldSpec(**kw)
     if args.flow or os.environ.get("PREFECT_API_URL"):
-        from lib.runs import build_snapshot, check_run_id
+        from lib.store.runs import check_run_id
+        from lib.store.snapshot import build_snapshot
 
         check_run_id(spec.run_id)  # fail fast, before Prefect starts
         build_snapshot(spec.samples_dir, spec.prompts_dir, spec.prompts)
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                                                       "tokenizer_name", "tokenizer_version", "teacher_commit",
                                                       "student_commit")})
     else:
-        from lib.runs import scaffold_run
+        from lib.store.runs import scaffold_run
 
         manifest = scaffold_run(spec)
     state = "created" if manifest["created"] else "already exists with the same inputs (nothing changed)"

@@ -20,13 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lib.shards import format_validation_table, validate_indexes
+    from lib.store.validation import format_validation_table, validate_indexes
 
     if os.environ.get("PREFECT_API_URL"):
         from flows.validate import validate_flow
 
         checks = validate_flow(list(args.index))
-        from lib.shards import ShardCheck
+        from lib.store.validation import ShardCheck
 
         checks = [ShardCheck(**c) for c in checks]
     else:

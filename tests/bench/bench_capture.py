@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_model(out: Path, quick: bool) -> Path:
-    from lib.tiny_models import TinySpec, build_tiny_model, train_tokenizer
+    from lib.testing.tiny_models import TinySpec, build_tiny_model, train_tokenizer
 
     tok = train_tokenizer(out / "tok", vocab_size=1024)
     spec = (TinySpec(family="qwen3", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
@@ -34,7 +34,7 @@ def build_model(out: Path, quick: bool) -> Path:
 
 
 def texts(n: int) -> list:
-    from lib.corpus import Sample, load_texts
+    from lib.store.corpus import Sample, load_texts
 
     base = load_texts()
     return [Sample(i, f"s{i}", base[i % len(base)].text + (f" ({i})" if i >= len(base) else "")) for i in range(n)]
@@ -54,7 +54,10 @@ def params_of(model_dir: Path) -> int:
 def p1(model_dir: Path, work: Path, n: int, batch: int) -> None:
     import torch
 
-    from lib.capture import CaptureSpec, batches_by_length, get_model, plan_capture, run_capture
+    from lib.capture.plan import batches_by_length, plan_capture
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
+    from lib.capture.torch_backend import get_model
 
     samples = texts(n)
     for logits in (True, False):

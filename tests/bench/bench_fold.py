@@ -75,7 +75,7 @@ def write_checkpoint(folder: Path, cfg: dict, shard_bytes: int) -> tuple[int, in
     import torch
     from safetensors.torch import save_file
 
-    from lib.adapters import adapter_for_config
+    from lib.models.adapters import adapter_for_config
 
     folder.mkdir(parents=True)
     adapter = adapter_for_config(cfg)
@@ -129,7 +129,8 @@ def write_checkpoint(folder: Path, cfg: dict, shard_bytes: int) -> tuple[int, in
 def write_specs(run: Path, cfg: dict) -> dict[str, Path]:
     import numpy as np
 
-    from lib.transform_set import random_head_permutation, random_rotation, write_transform_spec
+    from lib.fold.spec import write_transform_spec
+    from lib.testing.random_transforms import random_head_permutation, random_rotation
 
     rng = np.random.default_rng(0)
     L, H, G, inter = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
@@ -144,14 +145,14 @@ def write_specs(run: Path, cfg: dict) -> dict[str, Path]:
 # jobs (each runs in a child process)
 # ----------------------------------------------------------------------------------------------
 def child(job: str, src: str, out: str, spec: str, device: str = "cpu") -> dict:
-    import torch  # noqa: F401  (import cost is part of the RSS baseline, not of the job)
+    import gc
 
+    import torch  # noqa: F401  (import cost is part of the RSS baseline, not of the job)
     import transformers  # noqa: F401
 
-    from lib.fold import FoldOptions, fold_checkpoint, fold_state_dict
-    from lib.transform_set import WeightTransformSet
-
-    import gc
+    from lib.fold.checkpoint import fold_checkpoint, fold_state_dict
+    from lib.fold.options import FoldOptions
+    from lib.fold.transform_set import WeightTransformSet
 
     gc.collect()
     reset_rss_peak()

@@ -37,7 +37,7 @@ SAMPLE_TOKENS = 500
 def write_data(folder: Path, n_tokens: int, d: int, seed: int = 0) -> tuple[Path, Path]:
     import numpy as np
 
-    from lib.transports import SyntheticSample, write_capture_from_arrays
+    from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
 
     rng = np.random.default_rng(seed)
     r = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
@@ -95,7 +95,7 @@ class RssSampler:
 # workers (each in its own process)
 # ----------------------------------------------------------------------------------------------
 def shard_pairs(s_index: Path, t_index: Path) -> list[tuple[Path, Path]]:
-    from lib.shards import read_index
+    from lib.store.shards import read_index
 
     t_rows = {r.text_sha256: r for r in read_index(t_index)}
     return [(s_index.parent / r.shard, t_index.parent / t_rows[r.text_sha256].shard) for r in read_index(s_index)]
@@ -138,7 +138,10 @@ def bare_accumulation(pairs: list[tuple[Path, Path]], d: int, chunk: int = 0) ->
 
 
 def our_solve(s_index: Path, t_index: Path, out: Path) -> dict:
-    from lib.transports import RotateOptions, plan_rotation, pool_rotation, solve_layer
+    from lib.transport.options import RotateOptions
+    from lib.transport.plan import plan_rotation
+    from lib.transport.pool import pool_rotation
+    from lib.transport.solve import solve_layer
 
     t0 = time.perf_counter()
     plan = plan_rotation(s_index, t_index, [LAYER], out, options=RotateOptions())
@@ -173,13 +176,13 @@ def scipy_solve(s_index: Path, t_index: Path) -> dict:
 def worker(mode: str, data: Path, d: int, repeat: int) -> None:
     s, t = data / "student" / "metadata.jsonl", data / "teacher" / "metadata.jsonl"
     out: dict = {}
-    import lib.transports  # noqa: F401  (imports first: the RSS samplers measure the work only)
+    import lib.transport.record  # noqa: F401  (imports first: the RSS samplers measure the work only)
     import numpy  # noqa: F401
     import safetensors.torch  # noqa: F401
     import scipy.linalg  # noqa: F401
 
     if mode == "time":
-        from lib.transport_stats import chunk_rows_for
+        from lib.transport.stream import chunk_rows_for
 
         pairs = shard_pairs(s, t)
         bare_accumulation(pairs, d)  # warm the page cache for both
@@ -206,7 +209,7 @@ def worker(mode: str, data: Path, d: int, repeat: int) -> None:
             out = scipy_solve(s, t)
         out["work_mb"] = rss.delta_mb
     elif mode == "validate":
-        from lib.shards import require_valid
+        from lib.store.validation import require_valid
 
         t0 = time.perf_counter()
         checks = require_valid([s, t])

@@ -23,7 +23,8 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from lib.shards import commit_shards, make_payload_record, serialize_shard, validate_indexes
+    from lib.store.shards import commit_shards, make_payload_record, serialize_shard
+    from lib.store.validation import validate_indexes
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

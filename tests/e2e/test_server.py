@@ -88,7 +88,7 @@ def test_nightly_qa_deployment_on_a_real_server(prefect_server, make_tiny, tmp_p
     run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env, timeout=600)
 
     # A tiny scaffolded run and eval config (absolute paths: the worker runs from the checkout).
-    from lib.runs import ScaffoldSpec, scaffold_run
+    from lib.store.runs import ScaffoldSpec, scaffold_run
 
     runs_root = tmp_path / "runs"
     scaffold_run(ScaffoldSpec(run_id="e2e", runs_root=str(runs_root)))
@@ -163,7 +163,7 @@ def test_pipeline_runs_gpu_steps_as_deployments(prefect_server, make_tiny, tmp_p
     env = {**env, "TOURGUIDE_HOME": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONPATH": str(ROOT)}
     run(["bash", "deployments/setup_pools.sh", "1"], env)
     run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env, timeout=600)
-    from lib.demo import plant_student
+    from lib.demo.planted import plant_student
 
     teacher = make_tiny("qwen3")
     student = tmp_path / "student"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import lib.capture as capture
+import lib.capture.run as capture
 from flows.capture import capture_flow
-from lib.errors import ChecksumError
-from lib.shards import read_index, shard_name, validate_indexes
+from lib.core.errors import ChecksumError
+from lib.store.shards import read_index, shard_name
+from lib.store.validation import validate_indexes
 from tasks.validate import validate_shards
 
 TEXTS = ["Bondi Beach curves for a kilometre of pale sand.", "悉尼歌剧院的白色风帆倒映在港湾里。",
@@ -45,8 +46,9 @@ def test_second_run_is_served_from_cache_and_damage_is_recomputed(prefect_harnes
 
 
 def test_validation_task_refuses_a_flipped_byte(make_tiny, tmp_path):
-    from lib.capture import CaptureSpec, run_capture
-    from lib.corpus import Sample
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
+    from lib.store.corpus import Sample
 
     out = tmp_path / "acts"
     run_capture(CaptureSpec(model=str(make_tiny("llama"))), [Sample(i, f"t{i}", t) for i, t in enumerate(TEXTS)], out)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lib.capture import CaptureSpec, run_capture
-from lib.corpus import Sample
-from lib.shards import shard_name
+from lib.capture.run import run_capture
+from lib.capture.spec import CaptureSpec
+from lib.store.corpus import Sample
+from lib.store.shards import shard_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +64,7 @@ def test_analyze_reads_legacy_pt_with_weights_only(tmp_path):
     torch.save({"model.layers.0": torch.ones(4, 8) * 2}, tmp_path / "legacy.pt")
     res = tourguide("analyze", str(tmp_path / "legacy.pt"))
     assert res.returncode == 0 and "model.layers.0" in res.stdout
-    from lib.analysis import summarize_activation_file
+    from lib.store.analysis import summarize_activation_file
 
     (row,) = summarize_activation_file(tmp_path / "legacy.pt")
     assert row.max_abs == 2.0 and row.n_tokens == 4 and row.width == 8

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flows.demo import demo_flow
-from lib.ledgers import read_ledger
+from lib.store.ledgers import read_ledger
 
 TINY = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=256,
             vocab_size=512, steps=25, batch_size=8, max_length=48)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from flows.cli import main as tourguide
-from lib.errors import GateFailedError
-from lib.fold import FAILED_MARKER, FoldOptions
-from lib.ledgers import read_ledger
-from lib.transform_set import random_head_permutation, random_rotation, write_transform_spec
+from lib.core.errors import GateFailedError
+from lib.fold.checkpoint import FAILED_MARKER
+from lib.fold.options import FoldOptions
+from lib.fold.spec import write_transform_spec
+from lib.store.ledgers import read_ledger
+from lib.testing.random_transforms import random_head_permutation, random_rotation
 
 
 def make_run(tmp_path: Path, model_dir: Path, **arrays) -> tuple[Path, Path]:

@@ -11,10 +11,11 @@ from scipy.stats import ortho_group
 
 from flows.cli import main
 from flows.rotate import rotate_flow
-from lib.errors import ChecksumError
-from lib.ledgers import read_ledger
-from lib.transport_stats import load_tensors
-from lib.transports import RotateOptions, SyntheticSample, write_capture_from_arrays
+from lib.core.errors import ChecksumError
+from lib.store.ledgers import read_ledger
+from lib.store.safetensors_io import load_tensors
+from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
+from lib.transport.options import RotateOptions
 
 LAYERS = ["model.layers.0", "model.layers.1", "model.layers.2"]
 

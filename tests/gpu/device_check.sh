@@ -156,7 +156,7 @@ def main():
     PAR = samples[:16]
     par_kw = dict(model=str(model_dir), dtype=DT, device=DEV, batch_size=16, logits=True, max_length=512)
     run_capture(CaptureSpec(**par_kw, backend="torch"), PAR, work / "parity-torch")
-    import lib.capture as capmod
+    import lib.capture.torch_backend as capmod
     capmod._load_cached.cache_clear()
     gc.collect()
     if DEV == "cuda":
@@ -164,7 +164,7 @@ def main():
 
     # --- vLLM backend --------------------------------------------------------------------------------
     try:
-        import lib.vllm_backend as vb
+        import lib.capture.vllm_backend as vb
         res["vllm_version"] = vb.require_vllm()
     except Exception as exc:
         res["vllm"] = f"not run: {exc}"

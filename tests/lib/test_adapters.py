@@ -8,8 +8,8 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from lib.adapters import ADAPTERS, adapter_for_config
-from lib.errors import BadInputError
+from lib.core.errors import BadInputError
+from lib.models.adapters import ADAPTERS, adapter_for_config
 
 
 def checkpoint_shapes(model_dir) -> dict[str, tuple[int, ...]]:

@@ -8,11 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import lib.capture as capture
-from lib.capture import CaptureSpec, plan_capture, run_capture
-from lib.corpus import Sample, load_texts
-from lib.errors import BadInputError, ModelLoadError
-from lib.shards import load_shard, read_index
+import lib.capture.torch_backend as capture
+from lib.capture.plan import plan_capture
+from lib.capture.run import run_capture
+from lib.capture.spec import CaptureSpec
+from lib.core.errors import BadInputError, ModelLoadError
+from lib.store.corpus import Sample, load_texts
+from lib.store.shards import load_shard, read_index
 
 TEXTS = [
     "The Sydney Opera House rises over Bennelong Point like a fleet of white sails.",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lib.errors import BadInputError
-from lib.eval_config import METRICS, EvalConfig, TransportConfig, config_from_dict, load_eval_config
+from lib.core.errors import BadInputError
+from lib.qa.eval_config import METRICS, EvalConfig, TransportConfig, config_from_dict, load_eval_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,10 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lib.checkpoint_io import CheckpointReader, ShardedWriter, TensorEntry, parse_size, staged_output
-from lib.errors import BadInputError
-from lib.fold import FoldOptions, fold_checkpoint, fold_state_dict
-from lib.transform_set import WeightTransformSet, random_head_permutation, random_rotation
+from lib.core.errors import BadInputError
+from lib.fold.checkpoint import fold_checkpoint, fold_state_dict
+from lib.fold.checkpoint_io import CheckpointReader, ShardedWriter, TensorEntry, parse_size
+from lib.fold.options import FoldOptions
+from lib.fold.transform_set import WeightTransformSet
+from lib.store.staging import staged_output
+from lib.testing.random_transforms import random_head_permutation, random_rotation
 
 H, G, HD, D, INTER = 4, 2, 32, 128, 256
 

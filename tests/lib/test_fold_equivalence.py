@@ -12,12 +12,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lib.equivalence import (GateOptions, check_equivalence, compare_probes, format_gate, gate_fold,
-                             make_probe_batch)
-from lib.errors import GateFailedError
-from lib.fold import FAILED_MARKER, FoldOptions, fold_checkpoint
-from lib.ledgers import read_ledger
-from lib.transform_set import WeightTransformSet, random_head_permutation, random_rotation
+from lib.core.errors import GateFailedError
+from lib.fold.checkpoint import FAILED_MARKER, fold_checkpoint
+from lib.fold.gate import GateOptions, check_equivalence, compare_probes, format_gate, make_probe_batch
+from lib.fold.gate_record import gate_fold
+from lib.fold.options import FoldOptions
+from lib.fold.transform_set import WeightTransformSet
+from lib.store.ledgers import read_ledger
+from lib.testing.random_transforms import random_head_permutation, random_rotation
 
 H, G, HD, D, INTER = 4, 2, 32, 128, 256
 PROBE = GateOptions(n_texts=4, max_length=48)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import lib.qa.token_metrics as metrics_mod
 import numpy as np
 import pytest
 import torch
@@ -14,12 +15,11 @@ from safetensors.numpy import save_file
 from scipy.special import log_softmax, rel_entr, softmax
 from scipy.stats import ortho_group
 
-import lib.metrics as metrics_mod
-from lib.digests import sha256_text
-from lib.errors import BadInputError
-from lib.metrics import (compare_captures, compute_rms, compute_token_cosine, compute_token_kl, compute_token_surprisal,
-                         measure_capture)
-from lib.shards import ACT_PREFIX, commit_shards, make_payload_record, serialize_shard, shard_name
+from lib.core.digests import sha256_text
+from lib.core.errors import BadInputError
+from lib.qa.compare import compare_captures, measure_capture
+from lib.qa.token_metrics import compute_rms, compute_token_cosine, compute_token_kl, compute_token_surprisal
+from lib.store.shards import ACT_PREFIX, commit_shards, make_payload_record, serialize_shard, shard_name
 
 LAYERS = ("model.layers.0", "model.layers.1")
 
@@ -259,7 +259,9 @@ def test_solver_pca_files_give_the_solvers_own_cosines(tmp_path):
     transports reproduce the mean cosines the solver recorded in its ledger."""
     from safetensors.numpy import load_file
 
-    from lib.transports import RotateOptions, SyntheticSample, run_rotation, write_capture_from_arrays
+    from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
+    from lib.transport.options import RotateOptions
+    from lib.transport.record import run_rotation
 
     rng = np.random.default_rng(8)
     d_s, d_t = 24, 32

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.errors import BadInputError
-from lib.permutations import HeadCorrelation, NeuronCorrelation, is_gqa_valid, match_heads_gqa, match_units
+from lib.core.errors import BadInputError
+from lib.transport.permutations import HeadCorrelation, NeuronCorrelation, is_gqa_valid, match_heads_gqa, match_units
 
 
 def test_correlation_accumulators_equal_numpy_corrcoef():
@@ -131,11 +131,13 @@ def _logits(model_dir: Path, texts):
 def test_solver_recovers_planted_gqa_head_and_mlp_permutations(make_tiny, tmp_path, family):
     from transformers import AutoModelForCausalLM
 
-    from lib.capture import CaptureSpec, run_capture
-    from lib.corpus import Sample, load_texts
-    from lib.transform_set import WeightTransformSet
-    from lib.transport_stats import load_tensors
-    from lib.transports import RotateOptions, run_rotation
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
+    from lib.fold.transform_set import WeightTransformSet
+    from lib.store.corpus import Sample, load_texts
+    from lib.store.safetensors_io import load_tensors
+    from lib.transport.options import RotateOptions
+    from lib.transport.record import run_rotation
 
     teacher_dir = make_tiny(family)
     config = json.loads((teacher_dir / "config.json").read_text())
@@ -198,9 +200,11 @@ def test_solver_recovers_planted_gqa_head_and_mlp_permutations(make_tiny, tmp_pa
 
 
 def test_permutations_need_the_module_inputs(make_tiny, tmp_path):
-    from lib.capture import CaptureSpec, run_capture
-    from lib.corpus import Sample
-    from lib.transports import RotateOptions, run_rotation
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
+    from lib.store.corpus import Sample
+    from lib.transport.options import RotateOptions
+    from lib.transport.record import run_rotation
 
     model = make_tiny("llama")
     for who in ("s", "t"):

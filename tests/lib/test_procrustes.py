@@ -7,9 +7,19 @@ import pytest
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
-from lib.errors import BadInputError
-from lib.procrustes import (affine_residual, centred_cross, complete_rotation, mean_cosine_under, pca_from_moments,
-                            polar, pooled_cross, procrustes_residual, solve_pca_procrustes, teacher_adapter)
+from lib.core.errors import BadInputError
+from lib.transport.procrustes import (
+    affine_residual,
+    centred_cross,
+    complete_rotation,
+    mean_cosine_under,
+    pca_from_moments,
+    polar,
+    pooled_cross,
+    procrustes_residual,
+    solve_pca_procrustes,
+    teacher_adapter,
+)
 
 
 def _data(n=400, d=12, seed=0, noise=0.3):

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lib.ledgers import append_rows, ledger_path
-from lib.report import render_report
-from lib.runs import ScaffoldSpec, scaffold_run
+from lib.qa.report import render_report
+from lib.store.ledgers import append_rows, ledger_path
+from lib.store.runs import ScaffoldSpec, scaffold_run
 
 LAYERS = [f"model.layers.{i}" for i in (0, 1, 2, 10)]  # 10 sorts after 2, not after 1
 
@@ -148,7 +148,7 @@ def test_first_night_failures_and_trends_across_runs(tmp_path):
     assert "No previous night in this run's ledger (first night: n1)" in md
     assert "- **student-b**: BadInputError: boom" in md and "more" not in md.split("## Failed")[1].split("##")[0]
     assert "## Rotations" not in md  # the empty rotations.jsonl is no table
-    from lib.report import trend_frame
+    from lib.qa.report import trend_frame
 
     tf = trend_frame(tmp_path / "runs", "r1", json.loads((run / "manifest.json").read_text())["snapshot_digest"])
     assert list(dict.fromkeys(tf.point)) == ["r0:n0", "r1:n1"]

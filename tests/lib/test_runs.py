@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from lib.errors import BadInputError
-from lib.ledgers import ledger_path, read_ledger
-from lib.runs import (RUN_SUBDIRS, ScaffoldSpec, blurb_hashes, build_snapshot, project_commit, scaffold_run,
-                      verify_snapshot)
+from lib.core.errors import BadInputError
+from lib.store.ledgers import ledger_path, read_ledger
+from lib.store.runs import RUN_SUBDIRS, ScaffoldSpec, project_commit, scaffold_run, verify_snapshot
+from lib.store.snapshot import blurb_hashes, build_snapshot
 
 EN = ["Bondi Beach curves for a kilometre of pale sand.", "The Louvre's glass pyramid glows at dusk.",
       "Table Mountain is often wrapped in cloud."]

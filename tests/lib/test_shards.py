@@ -10,10 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from lib.digests import sha256_file
-from lib.errors import BadInputError, ChecksumError
-from lib.shards import (INDEX_NAME, ShardRecord, commit_shards, make_payload_record, read_index, require_valid,
-                        serialize_shard, shard_name, validate_indexes)
+from lib.core.digests import sha256_file
+from lib.core.errors import BadInputError, ChecksumError
+from lib.store.shards import (
+    INDEX_NAME,
+    ShardRecord,
+    commit_shards,
+    make_payload_record,
+    read_index,
+    serialize_shard,
+    shard_name,
+)
+from lib.store.validation import require_valid, validate_indexes
 
 
 def fields(i: int, start: int = 0, n: int = 3, key: str | None = None) -> dict:

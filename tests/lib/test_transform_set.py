@@ -12,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from lib.errors import BadInputError, NotExactError
-from lib.fold import prepare_fold
-from lib.transform_set import (WeightTransformSet, check_head_permutation, derive_kv_permutation,
-                               orthogonality_error, random_head_permutation, random_rotation, write_transform_spec)
-from lib.adapters import adapter_for_config
+from lib.core.errors import BadInputError, NotExactError
+from lib.fold.checkpoint import prepare_fold
+from lib.fold.checks import check_head_permutation, derive_kv_permutation, orthogonality_error
+from lib.fold.spec import write_transform_spec
+from lib.fold.transform_set import WeightTransformSet
+from lib.models.adapters import adapter_for_config
+from lib.testing.random_transforms import random_head_permutation, random_rotation
 
 CFG = {"model_type": "qwen3", "num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 4,
        "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 24, "vocab_size": 50}

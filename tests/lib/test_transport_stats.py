@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.errors import BadInputError
-from lib.transport_stats import CrossMoments, RowSpan, stream_pairs
-from lib.transports import SyntheticSample, write_capture_from_arrays
+from lib.core.errors import BadInputError
+from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
+from lib.transport.stats import CrossMoments
+from lib.transport.stream import RowSpan, stream_pairs
 
 
 def _rows(n=257, dx=6, dy=6, seed=0):

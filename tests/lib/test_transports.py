@@ -15,10 +15,14 @@ import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
-from lib.errors import BadInputError, ChecksumError
-from lib.ledgers import SCHEMAS
-from lib.transport_stats import CrossMoments, load_tensors
-from lib.transports import RotateOptions, SyntheticSample, plan_rotation, run_rotation, write_capture_from_arrays
+from lib.core.errors import BadInputError, ChecksumError
+from lib.store.ledgers import SCHEMAS
+from lib.store.safetensors_io import load_tensors
+from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
+from lib.transport.options import RotateOptions
+from lib.transport.plan import plan_rotation
+from lib.transport.record import run_rotation
+from lib.transport.stats import CrossMoments
 
 L0, L1 = "model.layers.0", "model.layers.1"
 
@@ -155,8 +159,9 @@ def test_padded_positions_never_enter_the_statistics(make_tiny, tmp_path):
     """Captured in padded batches; the moments must equal HF's own unpadded forwards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lib.capture import CaptureSpec, run_capture
-    from lib.corpus import Sample
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
+    from lib.store.corpus import Sample
 
     texts = ["Bondi.", "The Sydney Opera House rises over Bennelong Point like a fleet of sails.",
              "故宫是明清两代的皇家宫殿。", "Uluru glows red at dusk."]

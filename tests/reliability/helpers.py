@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.shards import INDEX_NAME, read_index, verify_record
+from lib.store.shards import INDEX_NAME, read_index, verify_record
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.capture import CaptureSpec, run_capture
-from lib.corpus import Sample
+from lib.capture.run import run_capture
+from lib.capture.spec import CaptureSpec
+from lib.store.corpus import Sample
 from tests.reliability.helpers import ROOT, subprocess_env, worker_cmd
 
 # id, command line ({M} model, {W} test world, {O} a fresh output path), error class, what the message must name, why
@@ -124,8 +125,9 @@ def build_world(w: Path, model: Path) -> None:
     """Every bad file the table names, plus good captures and a scaffolded run to be wrong about."""
     from safetensors.numpy import save_file
 
-    from lib.runs import ScaffoldSpec, scaffold_run
-    from lib.transform_set import random_head_permutation, random_rotation, write_transform_spec
+    from lib.fold.spec import write_transform_spec
+    from lib.store.runs import ScaffoldSpec, scaffold_run
+    from lib.testing.random_transforms import random_head_permutation, random_rotation
 
     spec = CaptureSpec(model=str(model), max_length=16)
     texts = ["Bondi Beach at dawn.", "外滩的万国建筑群。", "Machu Picchu above the clouds."]

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lib.ledgers import read_ledger
-from lib.shards import read_index, shard_name, validate_indexes
+from lib.store.ledgers import read_ledger
+from lib.store.shards import read_index, shard_name
+from lib.store.validation import validate_indexes
 from tests.reliability.helpers import RenameCounter, index_problems, spawn, worker_cmd
 
 

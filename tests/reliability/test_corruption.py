@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main as tourguide
-from lib.capture import CaptureSpec, run_capture
-from lib.corpus import load_texts
-from lib.errors import ChecksumError
-from lib.shards import read_index, shard_name, validate_indexes
+from lib.capture.run import run_capture
+from lib.capture.spec import CaptureSpec
+from lib.core.errors import ChecksumError
+from lib.store.corpus import load_texts
+from lib.store.shards import read_index, shard_name
+from lib.store.validation import validate_indexes
 from tests.reliability.helpers import RenameCounter, index_problems, tree_diff, tree_state
 
 N = 8
@@ -112,7 +114,7 @@ def test_rotate_refuses_damaged_shards_and_says_how_to_recapture(prefect_harness
 def test_qa_metrics_refuse_damaged_shards(captured, tmp_path):
     """QA's metric step (lib.metrics.compare_captures, behind `tourguide qa`) checks checksums
     first; the QA flow's own capture step then recomputes exactly the damaged shards."""
-    from lib.metrics import compare_captures
+    from lib.qa.compare import compare_captures
 
     base, _ = captured
     variant = tmp_path / "variant"

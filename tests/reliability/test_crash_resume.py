@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.capture import CaptureSpec, run_capture
-from lib.corpus import load_texts
-from lib.digests import sha256_file
-from lib.errors import BadInputError
-from lib.shards import INDEX_NAME, read_index, shard_name, validate_indexes
+from lib.capture.run import run_capture
+from lib.capture.spec import CaptureSpec
+from lib.core.digests import sha256_file
+from lib.core.errors import BadInputError
+from lib.store.corpus import load_texts
+from lib.store.shards import INDEX_NAME, read_index, shard_name
+from lib.store.validation import validate_indexes
 from tests.reliability.helpers import ROOT, RenameCounter, Zygote, count_rows, index_problems, valid_shards
 
 SEED = 20240608
@@ -179,8 +181,10 @@ FOLD_KILLS = 5
 def fold_case(make_tiny, tmp_path_factory):
     """A model big enough that writing its fold takes a while (~8 MB, ~40 shards), a spec, and
     the sha256 of every file an uninterrupted fold writes."""
-    from lib.fold import FoldOptions, fold_from_spec
-    from lib.transform_set import random_rotation, write_transform_spec
+    from lib.fold.checkpoint import fold_from_spec
+    from lib.fold.options import FoldOptions
+    from lib.fold.spec import write_transform_spec
+    from lib.testing.random_transforms import random_rotation
 
     model = make_tiny("qwen3", hidden_size=256, num_heads=8, num_kv_heads=2, intermediate_size=1024)
     run = tmp_path_factory.mktemp("fold") / "run"

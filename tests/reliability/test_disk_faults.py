@@ -19,10 +19,19 @@ import pytest
 import torch
 
 from flows.cli import main as tourguide
-from lib.capture import CaptureSpec, run_capture
-from lib.corpus import load_texts
-from lib.shards import (INDEX_NAME, ShardRecord, commit_shards, make_payload_record, read_index, serialize_shard,
-                        shard_name, validate_indexes)
+from lib.capture.run import run_capture
+from lib.capture.spec import CaptureSpec
+from lib.store.corpus import load_texts
+from lib.store.shards import (
+    INDEX_NAME,
+    ShardRecord,
+    commit_shards,
+    make_payload_record,
+    read_index,
+    serialize_shard,
+    shard_name,
+)
+from lib.store.validation import validate_indexes
 from tests.reliability.helpers import RenameCounter, index_problems, remount, tmpfs, tree_diff, tree_state
 
 N = 12
@@ -155,8 +164,9 @@ def test_cli_reports_a_read_only_output_folder_in_one_line(prefect_harness, spec
 
 
 def test_fold_on_a_full_disk_leaves_no_output_folder(make_tiny, tmp_path):
-    from lib.fold import fold_from_spec
-    from lib.transform_set import random_rotation, write_transform_spec
+    from lib.fold.checkpoint import fold_from_spec
+    from lib.fold.spec import write_transform_spec
+    from lib.testing.random_transforms import random_rotation
 
     model = make_tiny("qwen3")
     run = tmp_path / "run"

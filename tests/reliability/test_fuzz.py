@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from lib.errors import TourGuideError
+from lib.core.errors import TourGuideError
 
 N_EXAMPLES = int(os.environ.get("TOURGUIDE_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=N_EXAMPLES, deadline=timedelta(seconds=10), database=None,
@@ -110,7 +110,8 @@ def index_dir(tmp_path):
 
 
 def check_index_bytes(folder: Path, raw: bytes) -> None:
-    from lib.shards import ShardRecord, read_index, validate_indexes
+    from lib.store.shards import ShardRecord, read_index
+    from lib.store.validation import validate_indexes
 
     path = folder / "metadata.jsonl"
     path.write_bytes(raw)
@@ -145,7 +146,7 @@ def spec_world(make_tiny, tmp_path_factory):
     """A run dir with good and bad tensor files for specs to name, and the model config."""
     from safetensors.numpy import save_file
 
-    from lib.transform_set import random_head_permutation, random_rotation
+    from lib.testing.random_transforms import random_head_permutation, random_rotation
 
     model = make_tiny("qwen3")
     cfg = json.loads((model / "config.json").read_text())
@@ -178,7 +179,7 @@ def spec_world(make_tiny, tmp_path_factory):
 
 @st.composite
 def spec_docs(draw, paths):
-    from lib.transform_set import LAYER_PATH_KEYS
+    from lib.fold.spec import LAYER_PATH_KEYS
 
     path_values = st.sampled_from(paths) | st.none() | json_values
     doc = {}
@@ -203,7 +204,8 @@ def spec_docs(draw, paths):
 @given(data=st.data(), allow_inexact=st.booleans(), allow_outside=st.booleans())
 @example(data=None, allow_inexact=False, allow_outside=False)
 def test_fuzz_transforms_json(spec_world, data, allow_inexact, allow_outside):
-    from lib.transform_set import WeightTransformSet, read_spec
+    from lib.fold.spec import read_spec
+    from lib.fold.transform_set import WeightTransformSet
 
     run, cfg, paths = spec_world
     if data is None:  # the regressions: deep nesting, and a NUL byte in a path
@@ -249,7 +251,7 @@ def to_toml(doc: dict) -> str:
 def config_world(make_tiny, tmp_path_factory):
     from safetensors.numpy import save_file
 
-    from lib.runs import ScaffoldSpec, scaffold_run
+    from lib.store.runs import ScaffoldSpec, scaffold_run
 
     model = str(make_tiny("qwen3"))
     w = tmp_path_factory.mktemp("fuzz-config")
@@ -284,7 +286,7 @@ def config_docs(draw, base):
 @example(data=None, suffix=".json", check_paths=True)
 @example(data=None, suffix=".toml", check_paths=True)
 def test_fuzz_eval_configs(config_world, data, suffix, check_paths):
-    from lib.eval_config import load_eval_config
+    from lib.qa.eval_config import load_eval_config
 
     w, base = config_world
     if data is None:  # regressions: deep nesting in either syntax
@@ -374,10 +376,10 @@ def st_bytes(header: dict, data: bytes = b"") -> bytes:
 @example(raw=struct.pack("<Q", 2) + b"[]")
 @example(raw=struct.pack("<Q", 11) + b'{"a":[1,2]}')
 def test_fuzz_safetensors_from_strangers(tmp_path, raw):
-    from lib.analysis import summarize_activation_file
-    from lib.checkpoint_io import CheckpointReader
-    from lib.shards import load_shard
-    from lib.transform_set import read_spec_tensors
+    from lib.fold.checkpoint_io import CheckpointReader
+    from lib.fold.spec import read_spec_tensors
+    from lib.store.analysis import summarize_activation_file
+    from lib.store.shards import load_shard
 
     shard = tmp_path / "sample_0000.safetensors"
     shard.write_bytes(raw)

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from lib.capture import CaptureSpec, run_capture
-from lib.corpus import load_texts
+from lib.capture.run import run_capture
+from lib.capture.spec import CaptureSpec
+from lib.store.corpus import load_texts
 from tests.reliability.conftest import http_status
 from tests.reliability.helpers import ROOT, subprocess_env, tree_diff, tree_state
 

@@ -20,15 +20,16 @@ from pathlib import Path
 
 
 def capture(args: argparse.Namespace) -> None:
-    from lib.capture import CaptureSpec, run_capture
-    from lib.corpus import load_texts
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
+    from lib.store.corpus import load_texts
 
     spec = CaptureSpec(model=args.model, batch_size=args.batch_size)
     print(json.dumps(run_capture(spec, load_texts(limit=args.limit), args.out)), flush=True)
 
 
 def ledger(args: argparse.Namespace) -> None:
-    from lib.ledgers import append_rows
+    from lib.store.ledgers import append_rows
 
     for i in range(args.appends):
         rows = [{"run_id": args.writer, "index": str(i), "shard": f"{args.writer}-{i}-{j}", "sample_id": f"s{j}",
@@ -37,7 +38,8 @@ def ledger(args: argparse.Namespace) -> None:
 
 
 def fold(args: argparse.Namespace) -> None:
-    from lib.fold import FoldOptions, fold_from_spec
+    from lib.fold.checkpoint import fold_from_spec
+    from lib.fold.options import FoldOptions
 
     res = fold_from_spec(args.model, args.out, args.spec, FoldOptions(max_shard_bytes=args.max_shard_bytes))
     print(json.dumps({"shards": len(res.shards)}), flush=True)
@@ -92,14 +94,14 @@ def zygote(args: argparse.Namespace) -> None:
     is safe (no OpenMP pool exists yet)."""
     import os
 
+    import lib.fold.transform_set  # noqa: F401
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import lib.capture  # noqa: F401
-    import lib.fold  # noqa: F401
-    import lib.transform_set  # noqa: F401
+    import lib.capture.run  # noqa: F401
+    import lib.fold.checkpoint  # noqa: F401
 
     print("ready", flush=True)
     for line in sys.stdin:

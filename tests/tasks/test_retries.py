@@ -7,7 +7,7 @@ import errno
 import pytest
 from prefect import flow, task
 
-from lib.errors import BadInputError, ChecksumError, TransientError, is_transient
+from lib.core.errors import BadInputError, ChecksumError, TransientError, is_transient
 from tasks.common import RETRY
 
 

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tests/vllm/setup_venv.sh
 # The venv holds no project code: the checkout is imported from here (and by vLLM's workers,
-# which inherit the environment and import lib.vllm_worker by its dotted path).
+# which inherit the environment and import lib.capture.vllm_worker by its dotted path).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"  # GiB; vLLM's CPU default would grab far more
 export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}" VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1

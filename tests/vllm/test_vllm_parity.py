@@ -58,7 +58,7 @@ def rel_diff(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def samples():
-    from lib.corpus import Sample, load_texts
+    from lib.store.corpus import Sample, load_texts
 
     corpus = load_texts()
     en = [s for s in corpus if "_en" in s.sample_id][:3]
@@ -70,8 +70,10 @@ def samples():
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def captured(request, make_tiny, samples, tmp_path_factory):
     """(family, torch dir, vllm dir, hook points, vLLM CaptureSpec, vLLM manifest) for one family."""
-    import lib.vllm_backend as vb
-    from lib.capture import CaptureSpec, run_capture
+    import lib.capture.vllm_backend as vb
+
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
 
     family = request.param
     tp = FAMILIES[family].get("tensor_parallel_size", 1)
@@ -110,7 +112,8 @@ def test_shards_match_torch_backend(captured, samples):
     """Same input_ids; same tensor names, shapes, dtypes; activations and logits within 1e-4."""
     import torch
 
-    from lib.shards import load_shard, read_index, require_valid
+    from lib.store.shards import load_shard, read_index
+    from lib.store.validation import require_valid
 
     family, t_dir, v_dir, hooks, _, manifest = captured
     assert manifest["n_computed"] == len(samples)
@@ -140,9 +143,10 @@ def test_no_logits_capture_stores_the_same_activations_without_logits(captured, 
     tensor, index rows say logits=false; activations as in the run with logits."""
     import dataclasses
 
-    import lib.vllm_backend as vb
-    from lib.capture import run_capture
-    from lib.shards import load_shard, read_index
+    import lib.capture.vllm_backend as vb
+
+    from lib.capture.run import run_capture
+    from lib.store.shards import load_shard, read_index
 
     _, _, v_dir, hooks, vspec, _ = captured
     starts = vb.ENGINE_STARTS
@@ -160,7 +164,7 @@ def test_no_logits_capture_stores_the_same_activations_without_logits(captured, 
 def test_index_rows_differ_only_in_backend_fields(captured):
     from dataclasses import asdict
 
-    from lib.shards import load_shard, read_index
+    from lib.store.shards import load_shard, read_index
 
     family, t_dir, v_dir, *_ = captured
     t_rows = {r.shard: asdict(r) for r in read_index(t_dir)}
@@ -178,7 +182,7 @@ def test_index_rows_differ_only_in_backend_fields(captured):
 
 def test_tolerance_is_not_vacuous(captured):
     """Negative control: a neighbouring layer, or the next sample's rows, fail the tolerance."""
-    from lib.shards import load_shard, read_index
+    from lib.store.shards import load_shard, read_index
 
     _, t_dir, v_dir, *_ = captured
     rows = read_index(t_dir)
@@ -190,8 +194,9 @@ def test_tolerance_is_not_vacuous(captured):
 
 
 def test_rerun_is_served_from_shards_without_engine(captured, samples):
-    import lib.capture as capture
-    import lib.vllm_backend as vb
+    import lib.capture.vllm_backend as vb
+
+    import lib.capture.run as capture
 
     _, _, v_dir, _, vspec, _ = captured
     starts, batches = vb.ENGINE_STARTS, capture.FORWARD_BATCHES
@@ -203,9 +208,10 @@ def test_rerun_is_served_from_shards_without_engine(captured, samples):
 def test_no_captures_is_a_loud_error(captured, samples):
     """Arm the workers and drain without running the prompts: zero captures must raise, not
     yield empty shards (what a vLLM whose runner bypasses hooks would produce)."""
-    import lib.vllm_backend as vb
-    from lib.capture import plan_capture
-    from lib.errors import BadInputError
+    import lib.capture.vllm_backend as vb
+
+    from lib.capture.plan import plan_capture
+    from lib.core.errors import BadInputError
 
     family, _, _, hooks, vspec, _ = captured
     plan = plan_capture(vspec, samples[:1])

@@ -13,14 +13,19 @@ import types
 import pytest
 import torch
 
-from lib.errors import BadInputError
-from lib.vllm_backend import (check_prompt_lengths, check_vllm_hook_points, check_vllm_options, require_vllm,
-                              vllm_hook_problem)
-from lib.vllm_worker import RequestRows, residual_stream, split_rows
+from lib.capture.vllm_backend import (
+    check_prompt_lengths,
+    check_vllm_hook_points,
+    check_vllm_options,
+    require_vllm,
+    vllm_hook_problem,
+)
+from lib.capture.vllm_worker import RequestRows, residual_stream, split_rows
+from lib.core.errors import BadInputError
 
 
 def test_importing_the_backend_does_not_import_vllm():
-    code = "import sys, lib.vllm_backend, lib.vllm_worker; assert 'vllm' not in sys.modules, 'eager vllm import'"
+    code = "import sys, lib.capture.vllm_backend, lib.capture.vllm_worker; assert 'vllm' not in sys.modules, 'eager vllm import'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -101,8 +106,9 @@ def test_prompt_longer_than_max_model_len_names_sample_and_fix():
 
 def test_vllm_backend_refuses_fused_hook_before_any_engine(make_tiny, tmp_path):
     """Bad input fails before vLLM is imported or an engine starts, and writes no shard."""
-    from lib.capture import CaptureSpec, run_capture
-    from lib.corpus import Sample
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
+    from lib.store.corpus import Sample
 
     spec = CaptureSpec(model=str(make_tiny("qwen3")), backend="vllm", hook_points=("model.layers.0.mlp.gate_proj",))
     with pytest.raises(BadInputError, match="gate_up_proj"):
@@ -151,7 +157,7 @@ def test_residual_stream_is_hidden_plus_residual_as_a_new_tensor():
 
 def test_worker_extension_names_cannot_clash_with_a_worker():
     """vLLM asserts the extension adds no attribute its worker already has: ours are prefixed."""
-    from lib.vllm_worker import CaptureWorkerExtension
+    from lib.capture.vllm_worker import CaptureWorkerExtension
 
     public = [a for a in dir(CaptureWorkerExtension) if not a.startswith("__")]
     assert public and all(a.startswith("tourguide_") for a in public), public

@@ -1,0 +1,1 @@
+"""Stage 1: capture activations (+ token ids, logits) into checksummed shards (torch / vLLM)."""

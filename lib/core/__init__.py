@@ -1,0 +1,1 @@
+"""Foundations every stage shares: errors, digests, the dtype table, typed options."""

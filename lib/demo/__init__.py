@@ -1,0 +1,1 @@
+"""The offline demo: a small trained teacher and a student with planted transforms."""

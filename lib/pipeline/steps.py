@@ -1,0 +1,88 @@
+"""The small decisions the pipeline flow asks of `lib`: which hook points the transports
+need, whether an existing fold is current, and the run's eval config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lib.core.digests import sha256_file, sha256_json, tensor_digest
+from lib.core.errors import BadInputError
+from lib.models.adapters import adapter_for_config
+from lib.pipeline.config import PipelineConfig
+from lib.store.atomic import write_text_atomic
+
+
+def model_config_of(ref: str) -> dict[str, Any]:
+    """config.json of a local folder (or cached hub id) as a dict."""
+    from lib.models.loading import read_config, resolve_model
+
+    return read_config(resolve_model(ref))
+
+
+def transport_hook_points(config: dict[str, Any], layers: list[str], permutations: bool) -> list[str]:
+    """Hook points the transports need: the blocks, plus the MLP neuron inputs and per-head
+    attention outputs of each block when permutations are solved."""
+    ad = adapter_for_config(config)
+    blocks = layers or ad.block_names()
+    unknown = [b for b in blocks if ad.block_index(b) is None]
+    if unknown:
+        raise BadInputError(f"layers {unknown} are not decoder blocks; valid: {ad.block_names()}")
+    hooks = list(blocks)
+    if permutations:
+        for b in blocks:
+            i = ad.block_index(b)
+            hooks += [ad.mlp_down_input(i), ad.attn_o_input(i)]
+    return hooks
+
+
+def spec_inputs_digest(spec_path: str | os.PathLike, source_revision: str) -> str:
+    """Digest of a transforms.json, every file it references and the source checkpoint revision:
+    equal digests mean an existing fold output was made from the same inputs."""
+    spec = Path(spec_path)
+    data = json.loads(spec.read_text(encoding="utf-8"))
+    refs = [data.get("residual_rotation_path")]
+    for layer in data.get("layers", []):
+        refs += [v for k, v in layer.items() if k.endswith("_path")]
+    files = sorted({r for r in refs if r})
+    return sha256_json({"spec": sha256_file(spec), "files": [[f, tensor_digest(spec.parent / f)] for f in files],
+                        "source": source_revision})
+
+
+FOLD_INPUTS_NAME = "pipeline_inputs.json"
+
+
+def fold_is_current(output_dir: str | os.PathLike, digest: str) -> bool:
+    """True when `output_dir` holds a fold that passed its gate and was made from `digest`."""
+    out = Path(output_dir)
+    try:
+        report = json.loads((out / "fold_report.json").read_text())
+        marker = json.loads((out / FOLD_INPUTS_NAME).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return report.get("status") == "passed" and marker.get("digest") == digest
+
+
+def mark_fold_inputs(output_dir: str | os.PathLike, digest: str) -> None:
+    write_text_atomic(Path(output_dir) / FOLD_INPUTS_NAME, json.dumps({"digest": digest}) + "\n")
+
+
+def write_eval_config(cfg: PipelineConfig, run_dir: Path, rotation_path: str | None, folded: str | None) -> Path:
+    """The run's eval config: teacher vs {student-baseline, student-rotated (solved global Q
+    applied before comparing), student-folded}."""
+    variants: list[dict[str, Any]] = [{"name": "student-baseline", "path": cfg.student, "transports": []}]
+    if rotation_path:
+        variants.append({"name": "student-rotated", "path": cfg.student,
+                         "transports": [{"kind": "rotation", "path": rotation_path}]})
+    if folded:
+        variants.append({"name": "student-folded", "path": folded, "transports": []})
+    body = {"run_id": cfg.run_id, "runs_root": cfg.runs_root, "teacher": {"name": "teacher", "path": cfg.teacher},
+            "variants": variants, "metrics": list(cfg.metrics), "dtype": cfg.dtype, "device": cfg.device,
+            "max_length": cfg.max_length, "batch_size": cfg.batch_size, "layers": [], "limit": cfg.limit,
+            "description": "written by the pipeline flow"}
+    path = run_dir / "eval_config.json"
+    write_text_atomic(path, json.dumps(body, indent=2) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Stage 5: QA metrics per checkpoint variant, the eval config, and the report."""

@@ -1,0 +1,287 @@
+"""The shard store: one safetensors file per captured sample plus a `metadata.jsonl` index.
+
+Layout of a capture folder::
+
+    <output-dir>/sample_0000.safetensors   tensors: input_ids [T] int64, logits [T, V] (optional),
+                                           act/<hook point> [T, d] per hook point
+    <output-dir>/metadata.jsonl            one JSON object per complete shard (`ShardRecord`)
+    <output-dir>/.index.lock               advisory lock held while writing shards + index lines
+
+Writes go temp file -> fsync -> rename -> append index line (under the lock), so the index
+never names a shard that is not complete on disk and never holds two rows for one capture key.
+Run it: `tourguide validate runs/x/activations/teacher/metadata.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib.core.digests import sha256_file
+from lib.core.dtypes import _ST_DTYPES
+from lib.core.errors import BadInputError
+from lib.store.atomic import append_lines_durable, fsync_dir, locked, write_bytes_atomic, write_text_atomic
+
+INDEX_NAME = "metadata.jsonl"
+
+
+LOCK_NAME = ".index.lock"
+
+
+ACT_PREFIX = "act/"
+
+
+INPUT_SUFFIX = ":input"  # hook point naming: "<module>" = module output, "<module>:input" = its input
+
+
+LAYER_CONVENTION = "act/<module>=output of the module (decoder block: residual after it); act/<module>:input=first positional input"
+
+
+def shard_name(sample_index: int) -> str:
+    return f"sample_{sample_index:04d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One row of `metadata.jsonl`: everything a consumer needs without opening the shard."""
+
+    shard: str  # file name relative to the index's folder
+    sample_id: str
+    sample_index: int
+    text_sha256: str
+    token_start: int  # span of this sample in the capture's global token stream
+    token_end: int
+    n_tokens: int
+    truncated: bool
+    layers: list[str]  # hook points stored as act/<name>
+    dtype: str
+    shapes: dict[str, list[int]]  # tensor name -> shape
+    sha256: str
+    bytes: int
+    model: str
+    revision: str
+    tokenizer: str
+    backend: str
+    capture_key: str
+    capture_version: str
+    logits: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, row: Any, *, where: str) -> ShardRecord:
+        """Parse and type-check one index row; `where` ('file:line') goes into every error."""
+        if not isinstance(row, dict):
+            raise BadInputError(f"{where}: index row must be a JSON object, got {type(row).__name__}")
+        spec: dict[str, tuple[type, ...]] = {
+            "shard": (str,), "sample_id": (str,), "sample_index": (int,), "text_sha256": (str,),
+            "token_start": (int,), "token_end": (int,), "n_tokens": (int,), "truncated": (bool,),
+            "layers": (list,), "dtype": (str,), "shapes": (dict,), "sha256": (str,), "bytes": (int,),
+            "model": (str,), "revision": (str,), "tokenizer": (str,), "backend": (str,),
+            "capture_key": (str,), "capture_version": (str,), "logits": (bool,),
+        }
+        missing = [k for k in spec if k not in row]
+        if missing:
+            raise BadInputError(f"{where}: index row lacks key(s) {missing}; recapture into a fresh --output-dir")
+        for key, types in spec.items():
+            val = row[key]
+            if not isinstance(val, types) or (int in types and isinstance(val, bool) and bool not in types):
+                raise BadInputError(f"{where}: key {key!r} must be {types[0].__name__}, got {val!r:.60}")
+        if not all(isinstance(x, str) for x in row["layers"]):
+            raise BadInputError(f"{where}: key 'layers' must be a list of strings")
+        for name, shape in row["shapes"].items():
+            if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+                raise BadInputError(f"{where}: shapes[{name!r}] must be a list of non-negative ints, got {shape!r:.60}")
+        shard = row["shard"]
+        try:
+            encoded = os.fsencode(shard)
+        except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+            encoded = b"\x00"
+        if ("/" in shard or "\\" in shard or shard in ("", ".", "..") or shard.startswith(".")
+                or b"\x00" in encoded or len(encoded) > 255):  # NUL, unencodable, over-long: os.stat would raise
+            raise BadInputError(f"{where}: shard name {shard!r} must be a plain file name inside the index folder")
+        if row["n_tokens"] != row["token_end"] - row["token_start"] or row["n_tokens"] < 0:
+            raise BadInputError(f"{where}: token span [{row['token_start']}, {row['token_end']}) disagrees with n_tokens={row['n_tokens']}")
+        extra = row.get("extra", {})
+        if not isinstance(extra, dict):
+            raise BadInputError(f"{where}: key 'extra' must be an object")
+        known = {k: row[k] for k in spec}
+        return cls(**known, extra=extra)
+
+
+def read_index(index_path: str | os.PathLike) -> list[ShardRecord]:
+    """Read `metadata.jsonl` (a folder is taken to mean its metadata.jsonl).
+
+    Raises BadInputError naming the file and line for a missing file or a malformed row.
+    A trailing line without newline (a writer killed mid-append) is malformed too.
+    """
+    path = resolve_index_path(index_path)
+    records: list[ShardRecord] = []
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise BadInputError(f"{path}: is a folder without {INDEX_NAME}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); the index is corrupt, recapture") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise BadInputError(f"{path}:{lineno}: malformed JSON ({exc.__class__.__name__}: {str(exc)[:80]}); fix or delete that line and re-run capture") from None
+        records.append(ShardRecord.from_dict(row, where=f"{path}:{lineno}"))
+    return records
+
+
+def resolve_index_path(index_path: str | os.PathLike) -> Path:
+    path = Path(index_path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    if not path.exists():
+        raise BadInputError(f"{path}: index file not found; pass the metadata.jsonl written by `tourguide capture` (or its folder)")
+    return path
+
+
+def shard_parts(tensors: dict[str, Any], metadata: dict[str, str]) -> list[Any]:
+    """The bytes of a shard as a list of buffers (header, then each tensor's data, zero-copy
+    views where the tensor is contiguous on CPU), for hashing and `writev` without joining.
+
+    We lay the bytes out ourselves (the format is 8-byte LE header length, JSON header, raw
+    little-endian data) so that equal inputs give equal bytes: the library's writer orders
+    metadata keys by hash, which would make checksums of identical shards differ. Tensors are
+    stored in name order; the header is space-padded to a multiple of 8 bytes.
+    """
+    import torch
+
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise BadInputError("shard metadata must map str -> str")
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    blobs: list[Any] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        code = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if code is None:
+            raise BadInputError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a shard")
+        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + raw.nbytes]}
+        blobs.append(raw)
+        offset += raw.nbytes
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return [struct.pack("<Q", len(head)) + head, *blobs]
+
+
+def serialize_shard(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes for `tensors` (torch) with string `metadata` in the header (see shard_parts)."""
+    return b"".join(shard_parts(tensors, metadata))
+
+
+def commit_shards(out_dir: Path, items: Sequence[tuple[ShardRecord, bytes]]) -> list[ShardRecord]:
+    """Atomically write shards and append their index rows, skipping capture keys already
+    indexed by a valid shard (another writer got there first). Returns the rows written.
+
+    A row whose shard went missing/corrupt, or another row for the same shard file name, is
+    replaced: the index is rewritten atomically without it, so it never holds two rows for one
+    capture key or a row for a shard that is not on disk. Each `ShardRecord` must already
+    carry the sha256/bytes of its payload.
+    """
+    index_path = out_dir / INDEX_NAME
+    written: list[ShardRecord] = []
+    with locked(out_dir / LOCK_NAME):
+        rows = read_index(index_path) if index_path.exists() else []
+        existing = {r.capture_key: r for r in rows}
+        by_shard = {r.shard: r for r in rows}
+        stale = False
+        pending: list[ShardRecord] = []
+
+        def flush() -> None:
+            # Shards are complete and their renames durable before their rows exist: a crash
+            # before the append leaves unindexed shards that the next run simply rewrites.
+            if pending:
+                fsync_dir(out_dir)
+                append_lines_durable(index_path, [r.to_json() for r in pending])
+                pending.clear()
+
+        for record, payload in items:
+            prior = existing.get(record.capture_key)
+            if prior is not None and verify_record(out_dir, prior) is None:
+                continue
+            other = by_shard.get(record.shard)
+            stale = stale or prior is not None or (other is not None and other.capture_key != record.capture_key)
+            if stale:
+                # Drop the row that names this file before overwriting it: a crash in between
+                # then leaves an unindexed file, never an index row with the wrong checksum.
+                flush()
+                rows = [r for r in rows if r.shard != record.shard and r.capture_key != record.capture_key]
+                write_text_atomic(index_path, "".join(r.to_json() + "\n" for r in rows))
+                stale = False
+            # fsync the file now, the folder once per batch (flush), before any row names it.
+            write_bytes_atomic(out_dir / record.shard, payload, sync_dir=False)
+            pending.append(record)
+            rows.append(record)
+            existing[record.capture_key] = record
+            by_shard[record.shard] = record
+            written.append(record)
+        flush()
+    return written
+
+
+def make_payload_record(record_fields: dict[str, Any], payload: Any) -> ShardRecord:
+    """The index row for `payload` (bytes, or the buffer list of `shard_parts`)."""
+    import hashlib
+
+    parts = [payload] if isinstance(payload, bytes | bytearray | memoryview) else list(payload)
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return ShardRecord(**record_fields, sha256=h.hexdigest(), bytes=sum(memoryview(p).nbytes for p in parts))
+
+
+def verify_record(folder: Path, record: ShardRecord) -> str | None:
+    """None when the shard exists with the recorded size and sha256, else the reason."""
+    path = folder / record.shard
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    size = st.st_size
+    if size != record.bytes:
+        return f"size {size} != recorded {record.bytes} (truncated or overwritten)"
+    digest = sha256_file(path)
+    if digest != record.sha256:
+        return f"sha256 {digest[:12]}… != recorded {record.sha256[:12]}…"
+    return None
+
+
+def load_shard(path: str | os.PathLike, names: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Load tensors (all, or `names`) and the header metadata of one shard (torch tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            keys = list(fh.keys()) if names is None else list(names)
+            missing = [k for k in keys if k not in fh.keys()]
+            if missing:
+                raise BadInputError(f"{path}: tensor(s) {missing} not in shard; it holds {sorted(fh.keys())}")
+            tensors = {k: fh.get_tensor(k) for k in keys}
+    except BadInputError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise BadInputError(f"{path}: not a readable safetensors file ({exc.__class__.__name__}: {str(exc)[:120]})") from None
+    return tensors, meta

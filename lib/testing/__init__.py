@@ -1,0 +1,1 @@
+"""Fixtures and synthetic data: tiny models, synthetic captures, random exact transforms."""
