@@ -9,35 +9,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow
 
 from flows.pipeline import pipeline_flow
-from lib.demo.planted import compare_recovery, ensure_planted_student, solved_from_spec
-from lib.demo.teacher import DemoRecipe, ensure_demo_teacher
+from lib.demo.teacher import DemoRecipe
 from lib.pipeline.config import PipelineConfig
-
-
-@task(name="demo-teacher", task_run_name="demo-teacher")
-def demo_teacher_task(recipe: dict[str, Any]) -> str:
-    """Folder of the demo teacher for `recipe` (trained the first time, then reused from disk)."""
-    log = get_run_logger()
-    return str(ensure_demo_teacher(DemoRecipe(**recipe), log=log.info))
-
-
-@task(name="plant-student", task_run_name="plant-student")
-def plant_student_task(teacher: str, out_dir: str, seed: int, noise: float) -> dict[str, Any]:
-    _, built = ensure_planted_student(teacher, out_dir, seed=seed, noise=noise)
-    return {"student": out_dir, "built": built}
-
-
-@task(name="recovery", task_run_name="recovery")
-def recovery_task(student: str, spec: str) -> dict[str, Any]:
-    """How close the solved transforms are to the inverse of the planted ones."""
-    from lib.demo.planted import PLANTED_NAME, Planted
-
-    planted = Planted.load(Path(student) / PLANTED_NAME)
-    q, heads, neurons = solved_from_spec(spec)
-    return asdict(compare_recovery(planted, q, heads, neurons))
+from tasks.demo import demo_teacher_task, plant_student_task, recovery_task
 
 
 @flow(name="demo", flow_run_name="demo-{run_id}", log_prints=False)

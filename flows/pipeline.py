@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.capture import capture_flow
@@ -24,15 +24,8 @@ from flows.scaffold import scaffold_flow
 from lib.core.errors import TourGuideError
 from lib.fold.checkpoint import read_report
 from lib.pipeline.config import PipelineConfig
-from lib.pipeline.steps import (
-    fold_is_current,
-    mark_fold_inputs,
-    model_config_of,
-    spec_inputs_digest,
-    transport_hook_points,
-    write_eval_config,
-)
 from lib.store.corpus import SAMPLES_DIR, sample_files
+from tasks.pipeline import eval_config_task, fold_inputs_task, mark_fold_task, plan_pipeline_task
 
 
 def _run_name() -> str:
@@ -41,35 +34,6 @@ def _run_name() -> str:
     cfg = flow_run.parameters.get("config")
     run_id = cfg.get("run_id") if isinstance(cfg, dict) else getattr(cfg, "run_id", None)
     return f"pipeline-{run_id or 'run'}"
-
-
-@task(name="plan-pipeline", task_run_name="plan-{label}")
-def plan_pipeline_task(cfg: dict[str, Any], label: str = "pipeline") -> dict[str, Any]:
-    """Hook points and model facts for the run (reads only config.json files)."""
-    pc = PipelineConfig(**cfg)
-    student = model_config_of(pc.student)
-    return {"hooks": transport_hook_points(student, list(pc.layers), pc.solve_permutations),
-            "blocks": transport_hook_points(student, list(pc.layers), False)}
-
-
-@task(name="fold-inputs", task_run_name="fold-inputs-{label}")
-def fold_inputs_task(spec: str, student: str, output_dir: str, label: str = "fold") -> dict[str, Any]:
-    """Whether `output_dir` already holds a gated fold of exactly these inputs (then it is reused)."""
-    from lib.models.loading import resolve_model
-
-    digest = spec_inputs_digest(spec, resolve_model(student).revision)
-    return {"digest": digest, "current": fold_is_current(output_dir, digest)}
-
-
-@task(name="mark-fold-inputs", task_run_name="mark-fold-{label}")
-def mark_fold_task(output_dir: str, digest: str, label: str = "fold") -> None:
-    mark_fold_inputs(output_dir, digest)
-
-
-@task(name="eval-config", task_run_name="eval-config-{label}")
-def eval_config_task(cfg: dict[str, Any], rotation_path: str | None, folded: str | None, label: str = "run") -> str:
-    pc = PipelineConfig(**cfg)
-    return str(write_eval_config(pc, pc.run_dir(), rotation_path, folded))
 
 
 def _child(deployment: str, parameters: dict[str, Any], key: str) -> None:
@@ -89,10 +53,9 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     log = get_run_logger()
-    cfg = config.model_dump()
     run_dir = config.run_dir()
     scaffold = scaffold_flow(run_id=config.run_id, runs_root=config.runs_root)
-    plan = plan_pipeline_task(cfg, label=config.run_id)
+    plan = plan_pipeline_task(config, label=config.run_id)
     acts = run_dir / "activations"
     texts = [str(f) for f in sample_files(SAMPLES_DIR)]
     capture_kw = dict(text_files=texts, layers=plan["hooks"], dtype=config.dtype, device=config.device,
@@ -129,7 +92,7 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
             else:
                 gate = fold_flow(**params)["gate"]
             mark_fold_task(folded, inputs["digest"], label=config.run_id)
-    eval_path = eval_config_task(cfg, rot["global"].get("rotation_path"), folded if gate else None, label=config.run_id)
+    eval_path = eval_config_task(config, rot["global"].get("rotation_path"), folded if gate else None, label=config.run_id)
     qa = qa_flow(config=eval_path)
     summary = {"run_id": config.run_id, "run_dir": str(run_dir), "scaffold": scaffold, "indexes": indexes,
                "rotate": {k: rot[k] for k in ("layers", "global", "spec", "table", "n_tokens", "n_samples")},

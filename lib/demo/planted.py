@@ -166,6 +166,15 @@ def solved_from_spec(spec_path: str | os.PathLike) -> tuple[np.ndarray | None, d
     return q, heads, neurons
 
 
+def recovery_from_spec(student_dir: str | os.PathLike, spec_path: str | os.PathLike) -> dict[str, float]:
+    """`compare_recovery` of the transforms a transforms.json names against the ones planted
+    into `student_dir` (as a dict)."""
+    from dataclasses import asdict
+
+    planted = Planted.load(Path(student_dir) / PLANTED_NAME)
+    return asdict(compare_recovery(planted, *solved_from_spec(spec_path)))
+
+
 PLANT_MARKER = "plant.json"
 
 

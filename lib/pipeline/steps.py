@@ -39,6 +39,23 @@ def transport_hook_points(config: dict[str, Any], layers: list[str], permutation
     return hooks
 
 
+def plan_hooks(cfg: PipelineConfig) -> dict[str, list[str]]:
+    """The run's hook points (reads only the student's config.json): `hooks` to capture (blocks,
+    plus module inputs when permutations are solved) and `blocks` to align."""
+    student = model_config_of(cfg.student)
+    return {"hooks": transport_hook_points(student, list(cfg.layers), cfg.solve_permutations),
+            "blocks": transport_hook_points(student, list(cfg.layers), False)}
+
+
+def fold_inputs(spec: str | os.PathLike, student: str, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """{"digest", "current"}: whether `output_dir` already holds a gated fold of exactly these
+    inputs (the spec, its files and the student's revision); then the pipeline reuses it."""
+    from lib.models.loading import resolve_model
+
+    digest = spec_inputs_digest(spec, resolve_model(student).revision)
+    return {"digest": digest, "current": fold_is_current(output_dir, digest)}
+
+
 def spec_inputs_digest(spec_path: str | os.PathLike, source_revision: str) -> str:
     """Digest of a transforms.json, every file it references and the source checkpoint revision:
     equal digests mean an existing fold output was made from the same inputs."""
