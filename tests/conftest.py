@@ -63,3 +63,23 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def count_forwards(monkeypatch):
+    """Counts the batched forward passes capture runs in this process (torch and vLLM backends),
+    by wrapping the backend calls `lib.capture.run` makes: a cache hit must run none."""
+    import lib.capture.run as run
+    import lib.capture.vllm_backend as vb
+
+    counter = {"n": 0}
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            counter["n"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(run, "forward_batch", counting(run.forward_batch))
+    monkeypatch.setattr(vb, "forward_batch_vllm", counting(vb.forward_batch_vllm))
+    return counter

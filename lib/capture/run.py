@@ -28,9 +28,6 @@ from lib.store.shards import (
     shard_parts,
 )
 
-FORWARD_BATCHES = 0  # forward passes run in this process (tests assert cache hits run none)
-
-
 def check_output_dir(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -44,7 +41,8 @@ def shard_metadata(spec: CaptureSpec, plan: CapturePlan, item: PlanItem) -> dict
         "model": spec.model, "revision": plan.model.revision, "tokenizer": plan.tokenizer,
         "dtype": spec.dtype, "layer_convention": LAYER_CONVENTION, "backend": spec.backend,
         "capture_key": item.capture_key, "capture_version": CAPTURE_VERSION,
-        "truncated": str(item.truncated).lower(),
+        "truncated": str(item.truncated).lower(), "compute_dtype": plan.numerics["compute_dtype"],
+        "device": plan.numerics["device"],
     }
 
 
@@ -57,6 +55,7 @@ def build_record(spec: CaptureSpec, plan: CapturePlan, item: PlanItem, tensors: 
         shapes={k: list(v.shape) for k, v in tensors.items()}, model=spec.model, revision=plan.model.revision,
         tokenizer=plan.tokenizer, backend=spec.backend, capture_key=item.capture_key,
         capture_version=CAPTURE_VERSION, logits=spec.logits,
+        extra={"compute_dtype": plan.numerics["compute_dtype"], "device": plan.numerics["device"]},
     )
     return make_payload_record(fields, payload), payload
 
@@ -73,8 +72,6 @@ def capture_items(spec: CaptureSpec, plan: CapturePlan, items: list[PlanItem], o
     items = [it for it in items if it.capture_key not in done]
     if not items:
         return []
-    global FORWARD_BATCHES
-    FORWARD_BATCHES += 1
     if spec.backend == "vllm":
         from lib.capture.vllm_backend import forward_batch_vllm
 

@@ -13,7 +13,7 @@ from lib.store.shards import (
     INPUT_SUFFIX,
 )
 
-CAPTURE_VERSION = "1"  # bump when shard contents change for the same inputs
+CAPTURE_VERSION = "2"  # bump when shard contents change for the same inputs (2: numerics in the key)
 
 
 BACKENDS = ("torch", "vllm")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import lib.capture.run as capture
 from flows.capture import capture_flow
 from lib.core.errors import ChecksumError
 from lib.store.shards import read_index, shard_name
@@ -15,17 +14,19 @@ TEXTS = ["Bondi Beach curves for a kilometre of pale sand.", "悉尼歌剧院的
          "The Louvre's glass pyramid glows at dusk.", "Table Mountain is often wrapped in its tablecloth of cloud."]
 
 
-def test_second_run_is_served_from_cache_and_damage_is_recomputed(prefect_harness, make_tiny, tmp_path):
+def test_second_run_is_served_from_cache_and_damage_is_recomputed(prefect_harness, make_tiny, tmp_path,
+                                                                 count_forwards):
     model = str(make_tiny("qwen3"))
     out = tmp_path / "acts"
     kw = dict(model=model, output_dir=str(out), texts=TEXTS, batch_size=2)
     first = capture_flow(**kw)
     assert first["n_computed"] == 4 and first["n_reused"] == 0
     rows = {r.sample_index: r for r in read_index(out)}
-    forwards = capture.FORWARD_BATCHES
+    forwards = count_forwards["n"]
+    assert forwards == 2, "4 texts in batches of 2 are 2 forward passes"
 
     second = capture_flow(**kw)
-    assert capture.FORWARD_BATCHES == forwards, "an identical re-run ran a forward pass"
+    assert count_forwards["n"] == forwards, "an identical re-run ran a forward pass"
     assert second["n_computed"] == 0 and second["n_reused"] == 4
     assert {r.sample_index: r for r in read_index(out)} == rows
 
@@ -38,7 +39,7 @@ def test_second_run_is_served_from_cache_and_damage_is_recomputed(prefect_harnes
     untouched = {i: (out / shard_name(i)).stat().st_mtime_ns for i in (0, 2)}
     third = capture_flow(**kw)
     assert third["n_computed"] == 2
-    assert capture.FORWARD_BATCHES > forwards
+    assert count_forwards["n"] > forwards
     after = read_index(out)
     assert len(after) == 4 and len({r.capture_key for r in after}) == 4, "duplicate index rows"
     assert all(c.ok for c in validate_indexes([out]))

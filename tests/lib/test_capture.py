@@ -149,3 +149,46 @@ def test_bad_inputs_write_nothing(make_tiny, tmp_path):
     with pytest.raises(BadInputError, match="is a file"):
         run_capture(CaptureSpec(model=model_dir), samples(), out)
     assert out.read_text() == "i am a file"
+
+
+def test_compute_dtype_decides_the_capture_key(make_tiny, tmp_path, count_forwards):
+    """A bf16 forward stored as fp32 is not an fp32 forward: re-capturing with another compute
+    dtype must recompute every shard (it used to be served the bf16 bytes), and the header says
+    which forward made it."""
+    model_dir = str(make_tiny("qwen3"))
+    out = tmp_path / "cap"
+    bf16 = CaptureSpec(model=model_dir, dtype="float32", compute_dtype="bfloat16", batch_size=3)
+    fp32 = CaptureSpec(model=model_dir, dtype="float32", compute_dtype="float32", batch_size=3)
+    with pytest.warns(UserWarning, match="slower"):
+        first = run_capture(bf16, samples(), out)
+    assert first["n_computed"] == 3
+    bf16_rows = {r.sample_index: r for r in read_index(out)}
+    second = run_capture(fp32, samples(), out)
+    assert second["n_computed"] == 3 and second["n_reused"] == 0, "fp32 capture served the bf16 shards"
+    rows = {r.sample_index: r for r in read_index(out)}
+    assert len(read_index(out)) == 3, "the bf16 rows must be replaced, not kept beside the fp32 ones"
+    for i, row in rows.items():
+        assert row.capture_key != bf16_rows[i].capture_key and row.sha256 != bf16_rows[i].sha256
+        assert row.extra["compute_dtype"] == "float32" and row.extra["device"] == "cpu"
+        _, meta = load_shard(out / row.shard)
+        assert meta["compute_dtype"] == "float32"
+    # negative control: the same settings again are served from the shards
+    before = count_forwards["n"]
+    assert run_capture(fp32, samples(), out)["n_computed"] == 0 and count_forwards["n"] == before
+
+
+def test_capture_key_covers_every_setting_that_decides_the_bytes(make_tiny):
+    from lib.capture.plan import capture_numerics
+
+    model_dir = str(make_tiny("qwen3"))
+    base = CaptureSpec(model=model_dir)
+    keys = {plan_capture(base, samples()).items[0].capture_key}
+    for change in (dict(compute_dtype="bfloat16"), dict(dtype="bfloat16"), dict(max_length=4), dict(logits=False),
+                   dict(hook_points=("model.layers.0",))):
+        keys.add(plan_capture(CaptureSpec(model=model_dir, **change), samples()).items[0].capture_key)
+    assert len(keys) == 6, "a setting that changes the bytes left the capture key unchanged"
+    num = capture_numerics(base)
+    assert num["compute_dtype"] == "float32" and num["device"] == "cpu" and num["torch"] == torch.__version__
+    # run options that do not change the bytes keep the key (so the cache still hits)
+    same = plan_capture(CaptureSpec(model=model_dir, batch_size=1), samples()).items[0].capture_key
+    assert same in keys
