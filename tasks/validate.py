@@ -6,12 +6,15 @@ from dataclasses import asdict
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from lib.store.validation import require_valid, validate_indexes
 
 
-@task(name="validate-shards", task_run_name="validate-{label}")
+# Never cached: a checksum is a fact about the bytes on disk now, and a cached "ok" from earlier in
+# the same flow run (Prefect's default policy caches on the inputs) would hide a shard damaged since.
+@task(name="validate-shards", task_run_name="validate-{label}", cache_policy=NO_CACHE)
 def validate_shards(index_paths: list[str], label: str = "shards") -> dict:
     """Re-hash every shard of `index_paths`; raise ChecksumError naming each bad shard (with the
     command that recaptures exactly those). Returns {"n_shards", "bytes", "indexes"}; not retried:
@@ -25,7 +28,7 @@ def validate_shards(index_paths: list[str], label: str = "shards") -> dict:
     return {"n_shards": len(checks), "bytes": sum(c.bytes for c in checks), "indexes": list(index_paths)}
 
 
-@task(name="hash-shards", task_run_name="hash-shards")
+@task(name="hash-shards", task_run_name="hash-shards", cache_policy=NO_CACHE)
 def hash_shards(index_paths: list[str]) -> list[dict]:
     """Every shard's check as a dict (index, shard, sample_id, bytes, ok, reason); never raises
     for a bad shard (the CLI reports them and exits 1)."""

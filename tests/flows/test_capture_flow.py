@@ -61,3 +61,35 @@ def test_validation_task_refuses_a_flipped_byte(make_tiny, tmp_path):
     with pytest.raises(ChecksumError, match=shard_name(2)) as err:
         validate_shards.fn([str(out / "metadata.jsonl")])
     assert shard_name(0) not in str(err.value)
+
+
+def test_validation_is_never_served_from_a_cache(prefect_harness, make_tiny, tmp_path):
+    """Two validations with the same inputs in one flow run: the second must re-hash (a shard
+    damaged in between fails it), not return the first one's cached result, even where results
+    are persisted by default (a user setting that turns Prefect's default cache policy on)."""
+    from prefect import flow
+    from prefect.settings import PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+
+    from lib.capture.run import run_capture
+    from lib.capture.spec import CaptureSpec
+    from lib.store.corpus import Sample
+
+    out = tmp_path / "acts"
+    run_capture(CaptureSpec(model=str(make_tiny("qwen3"))), [Sample(i, f"t{i}", t) for i, t in enumerate(TEXTS)], out)
+    index = str(out / "metadata.jsonl")
+
+    @flow
+    def validate_twice() -> str:
+        validate_shards([index], label="twice")
+        victim = out / shard_name(0)
+        raw = bytearray(victim.read_bytes())
+        raw[-1] ^= 0x01
+        victim.write_bytes(bytes(raw))
+        try:
+            validate_shards([index], label="twice")
+        except ChecksumError:
+            return "caught"
+        return "served from cache"
+
+    with temporary_settings(updates={PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+        assert validate_twice() == "caught"
