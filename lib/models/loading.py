@@ -78,15 +78,25 @@ def resolve_model(ref: str, revision: str | None = None, hf_home: str | None = N
     return ModelRef(ref, folder, Path(folder).name, cache)
 
 
-@lru_cache(maxsize=32)
 def folder_revision(folder: str) -> str:
-    """Content digest of a local model folder: sha256 of every file (or size+mtime when huge)."""
-    files = sorted(f for f in Path(folder).rglob("*") if f.is_file() and not f.name.startswith("."))
-    total = sum(f.stat().st_size for f in files)
-    if total <= _HASH_LIMIT:
-        listing = [[str(f.relative_to(folder)), sha256_file(f)] for f in files]
+    """Content digest of a local model folder: sha256 of every file (or size+mtime when huge).
+
+    Hashing gigabytes twice per process would be slow, so digests are remembered, but keyed by
+    the folder's stat signature (every file's name, size, mtime and inode): a long-lived worker
+    whose model folder was rewritten in place gets the new revision, never the cached old one."""
+    root = Path(folder)
+    files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+    stats = [(str(f.relative_to(root)), f.stat()) for f in files]
+    signature = tuple((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats)
+    return _folder_digest(str(root), signature)
+
+
+@lru_cache(maxsize=32)
+def _folder_digest(folder: str, signature: tuple[tuple[str, int, int, int], ...]) -> str:
+    if sum(size for _, size, _, _ in signature) <= _HASH_LIMIT:
+        listing = [[name, sha256_file(Path(folder) / name)] for name, *_ in signature]
     else:
-        listing = [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        listing = [[name, size, mtime] for name, size, mtime, _ in signature]
     return "sha256:" + sha256_json(listing)[:32]
 
 
