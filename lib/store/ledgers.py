@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from lib.core.digests import sha256_json
 from lib.core.errors import BadInputError
-from lib.store.atomic import append_lines_durable, write_atomic
+from lib.store.atomic import append_lines_durable, locked, write_atomic
 
 _f64, _i64, _str, _bool = pa.float64(), pa.int64(), pa.string(), pa.bool_()
 
@@ -66,26 +66,67 @@ def _coerce(rows: Sequence[dict[str, Any]], schema: pa.Schema, name: str) -> pa.
         raise BadInputError(f"ledger {name!r}: a row does not fit the declared schema ({exc})") from None
 
 
-def append_rows(path: str | os.PathLike, name: str, rows: Sequence[dict[str, Any]]) -> Path:
-    """Append `rows` to ledger `name` at `path` (never rewriting earlier rows). Returns the file written."""
+# When a row was written, not what it says: left out of an append's identity (see append_key).
+VOLATILE_COLUMNS = ("recorded_at", "checked_at")
+APPEND_FIELD = "_append"  # JSONL rows carry their append's key here (ignored when read back)
+
+
+def append_key(rows: Sequence[dict[str, Any]]) -> str:
+    """The identity of an append: a digest of its rows without their write timestamps. A retried
+    task (or a re-run that found the same facts) produces the same key."""
+    return sha256_json([{k: v for k, v in r.items() if k not in VOLATILE_COLUMNS} for r in rows])[:32]
+
+
+def append_rows(path: str | os.PathLike, name: str, rows: Sequence[dict[str, Any]], *, key: str | None = None) -> Path:
+    """Append `rows` to ledger `name` at `path` (never rewriting earlier rows). Returns the file
+    holding them.
+
+    Idempotent: an append is identified by `key` (default `append_key(rows)`), and an append whose
+    key is already in the ledger writes nothing. Retried tasks append after their work and may
+    fail after the append (a lost connection, a later step): without this, every retry would add
+    the rows again."""
     if name not in SCHEMAS:
         raise BadInputError(f"unknown ledger {name!r}; known: {sorted(SCHEMAS)}")
     path = Path(path)
     schema = SCHEMAS[name]
     table = _coerce(rows, schema, name)  # validate before anything is written
+    key = key or append_key(rows)
     if path.suffix == ".jsonl":
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One write for the whole append: concurrent appenders never interleave their rows.
-        append_lines_durable(path, [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in table.to_pylist()])
+        with locked(path.parent / f".{path.name}.lock"):
+            if path.exists() and any(r.get(APPEND_FIELD) == key for r in _jsonl_rows(path, name)):
+                return path
+            # One write for the whole append: concurrent appenders never interleave their rows.
+            append_lines_durable(path, [json.dumps({**r, APPEND_FIELD: key}, sort_keys=True, ensure_ascii=False)
+                                        for r in table.to_pylist()])
         return path
     folder = path
     folder.mkdir(parents=True, exist_ok=True)
     import pyarrow.parquet as pq
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    target = folder / f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-    write_atomic(target, lambda tmp: pq.write_table(table, tmp))
+    with locked(folder / ".append.lock"):
+        done = sorted(folder.glob(f"part-*-{key}.parquet"))
+        if done:
+            return done[0]
+        # The time stamp first keeps file names in write order; the key last makes the append findable.
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        target = folder / f"part-{stamp}-{key}.parquet"
+        write_atomic(target, lambda tmp: pq.write_table(table, tmp))
     return target
+
+
+def _jsonl_rows(path: Path, name: str) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise BadInputError(f"{path}:{lineno}: malformed JSON line in ledger {name!r}; fix or delete that line")
+            rows.append(row)
+    return rows
 
 
 def read_ledger(path: str | os.PathLike, name: str):
@@ -97,13 +138,7 @@ def read_ledger(path: str | os.PathLike, name: str):
     if path.suffix == ".jsonl":
         if not path.exists():
             return schema.empty_table().to_pandas()
-        rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise BadInputError(f"{path}:{lineno}: malformed JSON line in ledger {name!r}") from None
+        rows = [{k: v for k, v in r.items() if k != APPEND_FIELD} for r in _jsonl_rows(path, name)]
         return _coerce(rows, schema, name).to_pandas() if rows else schema.empty_table().to_pandas()
     files = sorted(path.glob("part-*.parquet")) if path.is_dir() else []
     if not files:
