@@ -33,6 +33,7 @@ import numpy as np
 from lib.core.errors import BadInputError, ModelLoadError
 from lib.fold.checkpoint_io import CheckpointReader
 from lib.fold.transform_set import WeightTransformSet
+from lib.qa.token_metrics import compute_token_cosine, compute_token_kl
 from lib.models.adapters import adapter_for_config
 
 BUILTIN_PROBE_TEXTS = (
@@ -234,22 +235,20 @@ def compare_probes(src: dict[str, Any], out: dict[str, Any],
     import torch
 
     a, b = src["logits"], out["logits"]
-    kl_parts, diff, agree = [], 0.0, 0
+    kl = compute_token_kl(a, b)  # the QA metric's KL: float64, p = 0 terms count 0
+    diff, agree = 0.0, 0
     for s in range(0, a.shape[0], 64):  # float64 in row chunks: [N, V] at V = 152k is big
         ca, cb = a[s:s + 64].double(), b[s:s + 64].double()
-        la, lb = torch.log_softmax(ca, -1), torch.log_softmax(cb, -1)
-        kl_parts.append((la.exp() * (la - lb)).sum(-1))
-        diff = max(diff, float((ca - cb).abs().max()))
+        gap = torch.where(ca == cb, 0.0, (ca - cb).abs())  # equal infinities (masked ids) are no gap
+        diff = max(diff, float(gap.max()))
         agree += int((ca.argmax(-1) == cb.argmax(-1)).sum())
-    kl = torch.cat(kl_parts)
     cos_by_layer = {}
     for name, h in src["hidden"].items():
         h2 = out["hidden"][name].double()
         q = (bases or {}).get(name)
         if q is not None:
             h2 = h2 @ torch.from_numpy(np.asarray(q, dtype=np.float64)).T
-        cos = torch.nn.functional.cosine_similarity(h.double(), h2, dim=-1)
-        cos_by_layer[name] = float(cos.min())
+        cos_by_layer[name] = float(compute_token_cosine(h, h2).min())
     return {
         "max_abs_logit_diff": diff,
         "mean_kl": float(kl.mean()),

@@ -194,3 +194,23 @@ def test_probe_batch_is_right_padded_corpus_text(make_tiny):
     assert batch.source == "corpus"  # samples/*.txt, spread over both languages
     # right padding: every row is ones then zeros
     assert torch.equal(mask, (torch.arange(mask.shape[1])[None] < mask.sum(1, keepdim=True)).long())
+
+
+def test_gate_kl_is_the_qa_kl_and_survives_masked_tokens():
+    """Checkpoints that mask vocabulary entries (logit -inf, p = 0) must compare as equal, not as
+    NaN; the gate uses the same KL as the QA metric (float64, p = 0 terms count 0)."""
+    from lib.qa.token_metrics import compute_token_kl
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 11, generator=g, dtype=torch.float32)
+    logits[:, 3] = float("-inf")  # a masked id in both checkpoints
+    hidden = {"model.layers.0": torch.randn(6, 4, generator=g)}
+    same = compare_probes({"logits": logits, "hidden": hidden}, {"logits": logits.clone(), "hidden": hidden})
+    assert same["mean_kl"] == 0.0 and same["max_kl"] == 0.0 and same["max_abs_logit_diff"] == 0.0
+    assert same["top1_agreement"] == 1.0 and same["hidden_cosine_min"] == pytest.approx(1.0)
+    shifted = logits.clone()
+    shifted[:, 0] += 0.5
+    figures = compare_probes({"logits": logits, "hidden": hidden}, {"logits": shifted, "hidden": hidden})
+    kl = compute_token_kl(logits, shifted)
+    assert figures["mean_kl"] == pytest.approx(float(kl.mean()), rel=1e-12) and figures["mean_kl"] > 0
+    assert figures["max_abs_logit_diff"] == pytest.approx(0.5)
