@@ -25,25 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"flows.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"flows.commands.{name}":
-                raise
-            p = sub.add_parser(name, help="(not available in this build)")
-            p.set_defaults(func=_not_available(name))
-            continue
-        mod.register(sub)
+        importlib.import_module(f"flows.commands.{name}").register(sub)
     return parser
-
-
-def _not_available(name: str):
-    def run(args: argparse.Namespace) -> int:
-        from lib.core.errors import BadInputError
-
-        raise BadInputError(f"`tourguide {name}` is not available in this build yet")
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,28 @@ def test_help_lists_every_command():
     assert "--no-logits" in cap.stdout and "--max-length" in cap.stdout and "--hf-hub-cache" in cap.stdout
 
 
+# One flag (or phrase) only each command's own parser has: a placeholder parser has none of them.
+OWN_FLAG = {"capture": "--no-logits", "validate": "--quiet", "analyze": "legacy .pt", "rotate": "--solve-permutations",
+            "fold": "--allow-inexact", "scaffold": "--prompts-dir", "qa": "--config", "report": "--run-id",
+            "demo": "--noise"}
+
+
+def test_every_command_has_its_own_parser():
+    """Each command in the CLI's list is a real module with its own parser (there is no fallback
+    that would register a stand-in under a missing command's name)."""
+    import argparse
+
+    from flows.cli import COMMANDS, build_parser
+
+    assert sorted(COMMANDS) == sorted(OWN_FLAG)
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in COMMANDS:
+        help_text = subs[name].format_help()
+        assert OWN_FLAG[name] in help_text, f"`tourguide {name} --help` lacks {OWN_FLAG[name]!r}"
+        assert subs[name].get_default("func").__module__ == f"flows.commands.{name}"
+
+
 @pytest.fixture(scope="module")
 def captured(make_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "acts"

@@ -41,14 +41,22 @@ def test_two_capture_processes_into_one_folder_with_overlapping_samples(make_tin
     out = tmp_path / "acts"
     out.mkdir()
     with RenameCounter(out) as renames:
-        a = spawn(worker_cmd("capture", "--model", model, "--out", out, "--limit", 24, "--batch-size", 3))
-        b = spawn(worker_cmd("capture", "--model", model, "--out", out, "--limit", 36, "--batch-size", 2))
+        barrier = tmp_path / "barrier"
+        a = spawn(worker_cmd("capture", "--model", model, "--out", out, "--limit", 24, "--batch-size", 3,
+                             "--barrier", barrier))
+        b = spawn(worker_cmd("capture", "--model", model, "--out", out, "--limit", 36, "--batch-size", 2,
+                             "--barrier", barrier))
         (a_out, a_err), (b_out, b_err) = a.communicate(timeout=300), b.communicate(timeout=300)
         assert a.returncode == 0, a_err
         assert b.returncode == 0, b_err
         writes = renames.shard_writes()
     _check_store(out, 36, writes)
     ma, mb = json.loads(a_out.splitlines()[-1]), json.loads(b_out.splitlines()[-1])
+    ta, tb = ma["commit_times"], mb["commit_times"]
+    assert len(ta) > 1 and len(tb) > 1, "a writer committed nothing: the race was not run"
+    # [first commit started, last commit done] of each writer: the intervals must overlap
+    assert max(ta[0], tb[0]) < min(ta[-1], tb[-1]), (
+        f"the two writers did not overlap in time (A committed {ta[0]:.3f}..{ta[-1]:.3f}, B {tb[0]:.3f}..{tb[-1]:.3f})")
     # Both planned their samples before the other had written much; the lock + recheck made the
     # loser of each race skip its commit (and, between batches, its forward pass).
     print(f"\ntwo run_capture processes, overlap 24 of 36: planned {ma['n_computed']} + {mb['n_computed']}, "
@@ -72,6 +80,24 @@ def test_two_capture_flow_runs_into_one_folder(prefect_server, make_tiny, tmp_pa
         writes = renames.shard_writes()
     _check_store(out, 16, writes)
     assert re.search(r"12 sample\(s\)", a_out) and re.search(r"16 sample\(s\)", b_out)
+    # From the API: the two flow runs' capture-batch task runs were in flight at the same time.
+    from datetime import datetime
+
+    from tests.reliability.conftest import api_post
+
+    runs = [r for r in api_post(prefect_server, "/flow_runs/filter", {"limit": 200})
+            if r["parameters"].get("output_dir") == str(out)]
+    assert len(runs) == 2, f"expected the two capture flow runs, found {len(runs)}"
+    spans = []
+    for r in runs:
+        tasks = api_post(prefect_server, "/task_runs/filter",
+                         {"flow_runs": {"id": {"any_": [r["id"]]}}, "limit": 200})
+        batch = [t for t in tasks if t["task_key"].startswith("capture_batch") or t["name"].startswith("capture-")]
+        assert batch, f"flow run {r['name']} ran no capture batch"
+        spans.append((min(datetime.fromisoformat(t["start_time"]) for t in batch if t["start_time"]),
+                      max(datetime.fromisoformat(t["end_time"]) for t in batch if t["end_time"])))
+    (a0, a1), (b0, b1) = spans
+    assert max(a0, b0) < min(a1, b1), f"the two flow runs' batches did not overlap in time: {spans}"
 
 
 @pytest.mark.parametrize("name", ["ledgers/shards", "shards.jsonl"])

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,39 @@ def capture(args: argparse.Namespace) -> None:
     from lib.capture.spec import CaptureSpec
     from lib.store.corpus import load_texts
 
+    import time
+
+    import lib.capture.run as run
+
     spec = CaptureSpec(model=args.model, batch_size=args.batch_size)
-    print(json.dumps(run_capture(spec, load_texts(limit=args.limit), args.out)), flush=True)
+    commit = run.commit_shards
+    commits: list[float] = []
+
+    def timed_commit(*a, **kw):
+        if not commits:
+            if args.barrier:
+                _barrier(Path(args.barrier), args.parties)  # every writer holds its first batch: now all at once
+            commits.append(time.time())  # [0]: when this writer started committing
+        out = commit(*a, **kw)
+        commits.append(time.time())
+        return out
+
+    run.commit_shards = timed_commit  # this worker process only: when each batch was committed
+    manifest = run_capture(spec, load_texts(limit=args.limit), args.out)
+    print(json.dumps({**manifest, "commit_times": commits}), flush=True)
+
+
+def _barrier(folder: Path, parties: int, timeout: float = 120) -> None:
+    """Wait until `parties` workers have arrived (one file each in `folder`)."""
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{os.getpid()}.ready").touch()
+    deadline = time.time() + timeout
+    while len(list(folder.glob("*.ready"))) < parties:
+        if time.time() > deadline:
+            raise TimeoutError(f"barrier {folder}: {parties} workers did not arrive in {timeout} s")
+        time.sleep(0.01)
 
 
 def ledger(args: argparse.Namespace) -> None:
@@ -141,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--limit", type=int, required=True)
     c.add_argument("--batch-size", type=int, default=1)
+    c.add_argument("--barrier", default=None, help="folder: wait for --parties workers before the first commit")
+    c.add_argument("--parties", type=int, default=2)
     c.set_defaults(func=capture)
     g = sub.add_parser("ledger")
     g.add_argument("--path", required=True)
