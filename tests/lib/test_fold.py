@@ -68,8 +68,12 @@ def oracle(sd: dict[str, torch.Tensor], ts: WeightTransformSet, tied: bool) -> d
     for i in range(2):
         p = f"model.layers.{i}."
         g_in, g_post = np.diag(w[p + "input_layernorm.weight"]), np.diag(w[p + "post_attention_layernorm.weight"])
-        hp = ts.head_permutations[i]
-        qi, kvi = heads(hp.perm), heads(hp.kv_perm)
+        perm = ts.head_permutations[i].perm
+        # The oracle's own kv permutation (not the code's): new kv group g is old group perm[g*r] // r.
+        r = H // G
+        kv = np.array([perm[g * r] // r for g in range(G)])
+        assert all(set(perm[g * r:(g + 1) * r] // r) == {kv[g]} for g in range(G)), "test input breaks GQA"
+        qi, kvi = heads(perm), heads(kv)
         R = ts.vo_rotations.get(i, np.stack([np.eye(HD)] * G))
         Rv = blockdiag([R[g].T for g in range(G)])  # v rows of kv head g by Rᵀ
         Ro = blockdiag([R[h // (H // G)] for h in range(H)])  # o_proj column block of head h by R
