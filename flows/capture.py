@@ -15,10 +15,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm.auto import tqdm
 
 from lib.capture.plan import batches_by_length
-from lib.capture.run import check_output_dir
 from lib.capture.spec import CaptureSpec
 from lib.core.errors import ChecksumError
 from lib.store.corpus import SAMPLES_DIR, load_texts
+from lib.store.staging import check_output_dir
 from tasks.capture import capture_batch, missing_items_task, model_slug, plan_capture_task
 from tasks.validate import validate_shards
 

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lib.transport.plan import new_run_id
+from lib.store.runs import new_run_id
 from tasks.rotate import (
     layer_label,
     pca_cosine_task,
@@ -42,7 +42,7 @@ def rotate_flow(student_index: str, teacher_index: str, layers: list[str] | None
                 options: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Solve per-layer rotations, the pooled global rotation and (optionally) permutations.
     `options` is `RotateOptions.to_dict()`. Returns `lib.transports.record_rotation`'s summary."""
-    run_id = run_id or new_run_id()
+    run_id = run_id or new_run_id("rotate")
     validate_shards([student_index, teacher_index], label="rotate")
     plan = plan_rotation_task(student_index, teacher_index, layers, output_dir, ledger, spec_out, options, run_id)
     names = plan["layers"]

@@ -48,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lib.capture.plan import plan_capture
-    from lib.capture.run import check_output_dir
     from lib.capture.spec import CaptureSpec
     from lib.store.corpus import load_texts
+    from lib.store.staging import check_output_dir
 
     model = args.model
     if model is None:

@@ -73,14 +73,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lib.store.runs import new_run_id
     from lib.transport.options import RotateOptions
-    from lib.transport.plan import new_run_id, plan_rotation
+    from lib.transport.plan import plan_rotation
 
     options = RotateOptions(pca_dim=args.pca_dim, exclude_position0=args.exclude_position0,
                             layer_weights=tuple(args.layer_weight or ()), pool_scale=args.pool_scale,
                             cosine_tokens=args.cosine_tokens, solve_permutations=args.solve_permutations,
                             model_config=args.model_config, full_moments=args.full_moments)
-    run_id = args.run_id or new_run_id()
+    run_id = args.run_id or new_run_id("rotate")
     # Fail fast on bad input (indexes, layers, widths, --pca-dim, weights) before Prefect starts;
     # the flow then checks the checksums and the token ids before anything is written.
     plan_rotation(args.student_index, args.teacher_index, args.layer, args.output_dir, ledger=args.ledger,

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from lib.capture.plan import CapturePlan, PlanItem, batches_by_length, pending_items, plan_capture, valid_keys
 from lib.capture.spec import CAPTURE_VERSION, CaptureSpec
 from lib.capture.torch_backend import forward_batch, get_model
-from lib.core.errors import BadInputError
 from lib.store.corpus import Sample
 from lib.store.shards import (
     INDEX_NAME,
@@ -27,12 +25,7 @@ from lib.store.shards import (
     make_payload_record,
     shard_parts,
 )
-
-def check_output_dir(out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--output-dir {out} is a file; pass a folder (it is created if missing)")
-    return out
+from lib.store.staging import check_output_dir
 
 
 def shard_metadata(spec: CaptureSpec, plan: CapturePlan, item: PlanItem) -> dict[str, str]:

@@ -121,7 +121,7 @@ def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike
     the output appears only complete (temp folder + rename)."""
     t0 = time.perf_counter()
     reader = CheckpointReader(source_dir)
-    out_path = check_output_dir(reader.folder, output_dir, options.overwrite)
+    out_path = check_output_dir(output_dir, source=reader.folder, allow_nonempty=options.overwrite)
     cfg = reader.config()
     adapter = adapter_for_config(cfg)
     adapter.check_supported()
@@ -212,7 +212,7 @@ def fold_from_spec(source_dir: str | os.PathLike, output_dir: str | os.PathLike,
                    allow_outside_paths: bool = False) -> FoldResult:
     """Validate `spec_path` against the checkpoint's config, then `fold_checkpoint`."""
     reader = CheckpointReader(source_dir)
-    check_output_dir(reader.folder, output_dir, options.overwrite)
+    check_output_dir(output_dir, source=reader.folder, allow_nonempty=options.overwrite)
     ts = WeightTransformSet.from_spec(spec_path, reader.config(), allow_inexact=allow_inexact,
                                       allow_outside_paths=allow_outside_paths)
     return fold_checkpoint(reader.folder, output_dir, ts, options)
@@ -234,7 +234,7 @@ def prepare_fold(checkpoint: str, spec_path: str | os.PathLike, output_dir: str 
 
     ref = resolve_model(checkpoint, revision=revision, hf_home=hf_home, hf_hub_cache=hf_hub_cache)
     reader = CheckpointReader(ref.local_dir)
-    out = check_output_dir(reader.folder, output_dir, options.overwrite)
+    out = check_output_dir(output_dir, source=reader.folder, allow_nonempty=options.overwrite)
     cfg = reader.config()
     adapter = adapter_for_config(cfg)
     adapter.check_supported()

@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,8 +79,10 @@ class ScaffoldSpec:
         return cls(**{**d, "prompts": tuple(d.get("prompts") or ())})
 
 
-def new_run_id() -> str:
-    return time.strftime("run-%Y%m%dT%H%M%S", time.gmtime())
+def new_run_id(kind: str = "run") -> str:
+    """A fresh id such as run-20261130T023000-1a2b3c (UTC time; the random tail keeps two ids
+    made in the same second apart)."""
+    return time.strftime(f"{kind}-%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
 
 
 def check_run_id(run_id: str, key: str = "--run-id") -> str:

@@ -17,19 +17,23 @@ from lib.core.errors import BadInputError
 from lib.store.atomic import fsync_dir
 
 
-def check_output_dir(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output that is the source (or holds it), an existing file, or a non-empty
-    folder without `overwrite`. Returns the resolved output path. Writes nothing."""
-    src, out = Path(source).resolve(), Path(output).resolve()
-    if out == src:
-        raise BadInputError(f"--output-dir {output} is the source checkpoint {src}; the fold never overwrites its "
-                            "source. Pick a new folder (e.g. runs/<id>/checkpoints/rotated)")
-    if src.is_relative_to(out):
-        raise BadInputError(f"--output-dir {output} contains the source checkpoint {src}; replacing it would delete "
-                            "the source. Pick a folder outside it")
+def check_output_dir(output: str | os.PathLike, *, source: str | os.PathLike | None = None,
+                     allow_nonempty: bool = True) -> Path:
+    """The one check of an --output-dir, before anything is written: refuse an existing file, a
+    non-empty folder unless `allow_nonempty`, and (for outputs built from a `source` folder) the
+    source itself or a folder holding it. Returns the output path (resolved when `source` is given)."""
+    out = Path(output)
+    if source is not None:
+        src, out = Path(source).resolve(), out.resolve()
+        if out == src:
+            raise BadInputError(f"--output-dir {output} is the source checkpoint {src}; the fold never overwrites its "
+                                "source. Pick a new folder (e.g. runs/<id>/checkpoints/rotated)")
+        if src.is_relative_to(out):
+            raise BadInputError(f"--output-dir {output} contains the source checkpoint {src}; replacing it would "
+                                "delete the source. Pick a folder outside it")
     if out.exists() and not out.is_dir():
-        raise BadInputError(f"--output-dir {output} is an existing file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BadInputError(f"--output-dir {output} is a file; pass a folder (it is created if missing)")
+    if not allow_nonempty and out.is_dir() and any(out.iterdir()):
         raise BadInputError(f"--output-dir {output} exists and is not empty; pass --overwrite to replace it, or pick "
                             "a new folder")
     return out

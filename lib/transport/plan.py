@@ -47,8 +47,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +55,9 @@ from typing import Any
 import numpy as np
 
 from lib.core.errors import BadInputError
+from lib.store.runs import new_run_id
 from lib.store.shards import ACT_PREFIX, INPUT_SUFFIX, ShardRecord, read_index, resolve_index_path
+from lib.store.staging import check_output_dir
 from lib.transport.files import GLOBAL_NAME
 from lib.transport.options import RotateOptions
 from lib.transport.stream import RowSpan
@@ -140,15 +140,9 @@ class RotationPlan:
         return cls(**d)
 
 
-def new_run_id() -> str:
-    return time.strftime("rotate-%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}"
-
-
 def check_output_paths(output_dir: str | os.PathLike, ledger: str | os.PathLike | None,
                        spec_out: str | os.PathLike | None) -> None:
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--output-dir {out} is a file; pass a folder (created if missing)")
+    check_output_dir(output_dir)
     if ledger is not None:
         lp = Path(ledger)
         if lp.suffix not in ("", ".jsonl", ".parquet"):
@@ -374,7 +368,7 @@ def plan_rotation(student_index: str | os.PathLike, teacher_index: str | os.Path
     return RotationPlan(
         student_index=str(s_index), teacher_index=str(t_index), layers=layers, output_dir=str(output_dir),
         ledger=None if ledger is None else str(ledger), spec_out=None if spec_out is None else str(spec_out),
-        run_id=run_id or new_run_id(), options=options, pairs=tuple(pairs), d_student=d_s, d_teacher=d_t,
+        run_id=run_id or new_run_id("rotate"), options=options, pairs=tuple(pairs), d_student=d_s, d_teacher=d_t,
         n_tokens=n_tokens, cosine_stride=stride, weights=weights, unpaired_student=len(s_by) - len(common),
         unpaired_teacher=len(t_by) - len(common), model_type=model_type, head_dim=head_dim, permutations=perms,
         tokens_checked=check_tokens)

@@ -16,7 +16,7 @@ from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
 from lib.core.errors import BadInputError, ChecksumError
-from lib.store.ledgers import SCHEMAS
+from lib.store.ledgers import APPEND_FIELD, SCHEMAS
 from lib.store.safetensors_io import load_tensors
 from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
 from lib.transport.options import RotateOptions
@@ -238,7 +238,7 @@ def test_ledger_rows_are_appended_never_rewritten_jsonl_and_parquet(tmp_path):
     lines = [json.loads(x) for x in after.decode().splitlines()]
     assert [r["run_id"] for r in lines] == [first["run_id"]] * 2 + [second["run_id"]] * 2
     assert [r["layer"] for r in lines] == [L0, L1, L0, L1] and first["run_id"] != second["run_id"]
-    assert set(lines[0]) == set(SCHEMAS["rotations"].names)
+    assert set(lines[0]) == set(SCHEMAS["rotations"].names) | {APPEND_FIELD}  # + the append's key
 
     pf = tmp_path / "ledgers" / "rotations.parquet"
     run_rotation(s, t, None, tmp_path / "rot", ledger=pf, run_id="a")
