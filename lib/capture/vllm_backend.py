@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lib.core.errors import BadInputError, TourGuideError, TransientError
+from lib.store.safetensors_io import read_tensors
 from lib.store.shards import ACT_PREFIX, INPUT_SUFFIX
 
 SUPPORTED_VLLM = ">=0.32,<0.33"  # the range validated by tests/vllm (keep the `vllm` extra in step)
@@ -329,8 +330,6 @@ def drain_engine(engine: CaptureEngine, items: list[Any], generated: dict[str, A
     {input_ids [T] int64, logits [T,V]?, act/<h> [T,d]} (CPU tensors in the store dtype).
     """
     import torch
-
-    from lib.store.safetensors_io import read_tensors
 
     assert engine.armed is not None
     hooks, logits, _ = engine.armed

@@ -59,6 +59,12 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 SHAPES = [(3, 5), (7,), (), (0, 4)]
 
 
+def test_the_one_dtype_table_is_consistent():
+    assert set(ST_DTYPES) == set(ITEMSIZE)
+    for code in ST_DTYPES:
+        assert torch_dtype_of(code).itemsize == ITEMSIZE[code], code
+
+
 @pytest.mark.parametrize("code", sorted(ITEMSIZE))
 def test_every_dtype_round_trips_with_the_library_both_ways(tmp_path, code):
     tensors = {f"t{i}": sample(code, s, i) for i, s in enumerate(SHAPES)}
