@@ -65,11 +65,14 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], sync_d
 class AtomicFile:
     """A temp file beside `path`, written through its descriptor `fd`: `commit()` fsyncs it and
     renames it into place, `discard()` removes it (the final path is untouched until commit).
-    For writers that stream a file piece by piece (lib.store.safetensors_io.StreamWriter)."""
+    For writers that stream a file piece by piece (lib.store.safetensors_io.StreamWriter).
+    `fsync=False` keeps the rename atomic for readers but skips durability (scratch files that
+    are read at once and never survive a crash, like the vLLM worker's spool)."""
 
-    def __init__(self, path: str | os.PathLike, sync_dir: bool = True):
+    def __init__(self, path: str | os.PathLike, sync_dir: bool = True, fsync: bool = True):
         self.path = Path(path)
-        self.sync_dir = sync_dir
+        self.sync_dir = sync_dir and fsync
+        self.fsync = fsync
         self.fd, self.tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}.", dir=self.path.parent)
         try:
             os.fchmod(self.fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
@@ -84,7 +87,8 @@ class AtomicFile:
             view = view[n:]
 
     def commit(self) -> Path:
-        os.fsync(self.fd)
+        if self.fsync:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp, self.path)
@@ -100,10 +104,10 @@ class AtomicFile:
             os.unlink(self.tmp)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: Any, sync_dir: bool = True) -> Path:
+def write_bytes_atomic(path: str | os.PathLike, data: Any, sync_dir: bool = True, fsync: bool = True) -> Path:
     """`write_atomic` for bytes (or a list of buffers, written in order without joining them),
-    written and fsynced through one descriptor."""
-    out = AtomicFile(path, sync_dir)
+    written and fsynced through one descriptor (see AtomicFile for `fsync=False`)."""
+    out = AtomicFile(path, sync_dir, fsync)
     try:
         for part in ([data] if isinstance(data, bytes | bytearray | memoryview) else data):
             out.write(part)

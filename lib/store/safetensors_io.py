@@ -37,7 +37,7 @@ import numpy as np
 
 from lib.core.dtypes import ITEMSIZE, TORCH_TO_ST, numpy_dtype_of, torch_dtype_of
 from lib.core.errors import BadInputError, TransientError
-from lib.store.atomic import AtomicFile
+from lib.store.atomic import AtomicFile, write_bytes_atomic
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
@@ -317,13 +317,12 @@ def tensor_parts(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None 
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,
-                 order: Sequence[str] | None = None) -> Path:
-    """Write tensors (numpy or torch) to `path` atomically (temp + fsync + rename); see `tensor_parts`."""
-    from lib.store.atomic import write_bytes_atomic
-
+                 order: Sequence[str] | None = None, durable: bool = True) -> Path:
+    """Write tensors (numpy or torch) to `path` atomically (temp + fsync + rename; `durable=False`
+    skips the fsyncs, for scratch files read at once); see `tensor_parts`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_bytes_atomic(path, tensor_parts(tensors, metadata, order=order))
+    return write_bytes_atomic(path, tensor_parts(tensors, metadata, order=order), fsync=durable)
 
 
 class StreamWriter:
