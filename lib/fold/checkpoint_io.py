@@ -6,9 +6,10 @@ Reading (`CheckpointReader`): a HF model folder with `model.safetensors`, or sha
 any flow starts; each read then preads just that tensor's bytes.
 
 Writing (`ShardedWriter`): the output layout (names, dtypes, shapes) is planned first, split
-into shards of at most `max_shard_bytes`, and each shard's safetensors header is written before
-its tensors are streamed in, one at a time (lib.store.safetensors_io.StreamWriter) — peak memory is one tensor, not one shard. The
-writer always emits `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`.
+into shards of at most `max_shard_bytes`, and each shard (a lib.store.safetensors_io.StreamWriter)
+gets its header first, then its tensors streamed in one at a time or copied raw by the kernel —
+peak memory is one tensor, not one shard. The writer always emits
+`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`.
 
 Publishing (`staged_output`): everything is written into a hidden temp folder beside the output
 and renamed into place at the end (an existing non-empty output is swapped out only with
