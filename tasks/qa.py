@@ -41,7 +41,7 @@ def metrics_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     import hashlib
     from pathlib import Path
 
-    from lib.core.digests import sha256_file, tensor_digest
+    from lib.core.digests import sha256_file
 
     ctx = parameters["context"]
     h = hashlib.sha256()
@@ -51,7 +51,7 @@ def metrics_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     for idx in (parameters["teacher_index"], parameters["variant_index"]):
         h.update((sha256_file(idx) if idx and Path(idx).exists() else "none").encode())
     for kind, path in parameters.get("transports") or []:
-        h.update(f"{kind}:{tensor_digest(path) if Path(path).exists() else path}|".encode())
+        h.update(f"{kind}:{sha256_file(path) if Path(path).exists() else path}|".encode())
     return f"qa-{parameters['variant']}-{ctx.get('night')}-{h.hexdigest()[:24]}"
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lib.core.errors import BadInputError, TourGuideError, TransientError
+from lib.store.safetensors_io import read_tensors
 from lib.store.shards import ACT_PREFIX, INPUT_SUFFIX
 
 SUPPORTED_VLLM = ">=0.32,<0.33"  # the range validated by tests/vllm (keep the `vllm` extra in step)
@@ -329,7 +330,6 @@ def drain_engine(engine: CaptureEngine, items: list[Any], generated: dict[str, A
     {input_ids [T] int64, logits [T,V]?, act/<h> [T,d]} (CPU tensors in the store dtype).
     """
     import torch
-    from safetensors.torch import load_file
 
     assert engine.armed is not None
     hooks, logits, _ = engine.armed
@@ -361,7 +361,7 @@ def drain_engine(engine: CaptureEngine, items: list[Any], generated: dict[str, A
             if rec is None:
                 raise BadInputError(f"sample {it.sample_id}: vLLM request {ext} produced no captured rows "
                                     f"(captured: {sorted(by_request)[:5]}…); the capture backend does not support this vLLM")
-            t = load_file(rec["file"])
+            t = read_tensors(rec["file"], framework="pt")
             n = len(it.token_ids)
             want = torch.tensor(it.token_ids, dtype=torch.long)
             pos = t["positions"]

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from lib.core.dtypes import torch_dtype
+
 _FINAL_NORM = "model.norm"  # vLLM's name of the final RMSNorm in Llama/Qwen2/Qwen3
 
 
@@ -132,10 +134,6 @@ class _CaptureState:
     fired: dict[str, int] = field(default_factory=dict)  # hook point -> steps in which it fired
 
 
-def _store_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """Copy to CPU; on CUDA into pinned memory without blocking (drain synchronises once)."""
     if t.device.type == "cpu":
@@ -190,7 +188,7 @@ class CaptureWorkerExtension:
         model = runner.get_model()
         modules = dict(model.named_modules())
         rank = get_tensor_model_parallel_rank()
-        state = _CaptureState(tuple(hook_points), bool(logits), _store_dtype(store_dtype), rank)
+        state = _CaptureState(tuple(hook_points), bool(logits), torch_dtype(store_dtype), rank)
         self._tourguide_state = state
         wanted = list(hook_points) if rank == 0 else []
         missing = [h for h in wanted if h.removesuffix(":input") not in modules]
@@ -265,7 +263,7 @@ class CaptureWorkerExtension:
         {"requests": [{"request_id", "file", "n_rows", "chunks"}], "steps", "fired"}; other ranks None.
         Every rank must run it: the logits gather across tensor-parallel ranks is a collective.
         """
-        from safetensors.torch import save_file
+        from lib.store.safetensors_io import save_tensors
 
         state: _CaptureState | None = getattr(self, "_tourguide_state", None)
         if state is None:
@@ -296,7 +294,7 @@ class CaptureWorkerExtension:
                 path = os.path.join(out_dir, f"req_{k:05d}.safetensors")
                 named = {("act/" + n if n not in ("positions", "input_ids", "logits") else n): t.contiguous()
                          for n, t in tensors.items()}
-                save_file(named, path)
+                save_tensors(path, named, durable=False)  # a spool the driver reads at once: no fsync
                 out.append({"request_id": rid, "file": path, "n_rows": int(len(tensors["positions"])),
                             "chunks": rows.chunks})
         result = {"requests": out, "steps": state.steps, "fired": dict(state.fired)}

@@ -33,14 +33,3 @@ def sha256_json(obj: Any) -> str:
     """Digest of a JSON-able object in canonical form (sorted keys, no spaces)."""
     return sha256_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
-
-def tensor_digest(path: str | os.PathLike) -> str:
-    """sha256 over a safetensors file's tensors (names, dtypes, shapes, bytes), ignoring its
-    header metadata, whose key order the safetensors writer does not keep stable."""
-    from safetensors.numpy import load_file
-
-    h = hashlib.sha256()
-    for name, arr in sorted(load_file(str(path)).items()):
-        h.update(f"{name}|{arr.dtype}|{list(arr.shape)}|".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()

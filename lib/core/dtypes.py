@@ -46,5 +46,11 @@ def st_code(dtype: Any) -> str:
     return TORCH_TO_ST[str(dtype).removeprefix("torch.")]
 
 
-_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+def numpy_dtype_of(code: str):
+    """The little-endian numpy dtype of a safetensors code, or None where numpy has none (BF16, F8)."""
+    import numpy as np
+
+    try:
+        return np.dtype(ST_DTYPES[code]).newbyteorder("<")
+    except TypeError:  # 'bfloat16', 'float8_*': not numpy types
+        return None

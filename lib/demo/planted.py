@@ -21,7 +21,7 @@ import numpy as np
 
 from lib.core.errors import BadInputError
 from lib.models.adapters import adapter_for_config
-from lib.store.atomic import write_atomic
+from lib.store.safetensors_io import read_header, read_tensors, save_tensors
 
 PLANTED_NAME = "planted_transforms.safetensors"
 
@@ -36,18 +36,14 @@ class Planted:
     neuron_permutations: dict[int, np.ndarray]
 
     def save(self, path: Path) -> None:
-        from safetensors.numpy import save_file
-
         tensors = {"rotation": self.rotation}
         tensors.update({f"heads.{i}": p for i, p in self.head_permutations.items()})
         tensors.update({f"neurons.{i}": p for i, p in self.neuron_permutations.items()})
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+        save_tensors(path, tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Planted:
-        from safetensors.numpy import load_file
-
-        t = load_file(str(path))
+        t = read_tensors(path)
         heads = {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("heads.")}
         neurons = {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("neurons.")}
         return cls(t["rotation"], heads, neurons)
@@ -89,17 +85,19 @@ def plant_student(teacher_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 def add_weight_noise(folder: Path, noise: float, seed: int) -> None:
     """W ← W + noise·rms(W)·N(0, 1) for every floating tensor of every shard (norm gains too)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     gen = torch.Generator().manual_seed(seed + 12345)
     for shard in sorted(folder.glob("*.safetensors")):
-        tensors = load_file(str(shard))
-        for k, t in tensors.items():
+        header = read_header(shard)
+        tensors = read_tensors(header, framework="pt")
+        order = [i.name for i in sorted(header.tensors.values(), key=lambda i: i.begin)]
+        for k in order:  # file order, as the noise was always drawn
+            t = tensors[k]
             if t.is_floating_point():
                 t64 = t.double()
                 rms = t64.pow(2).mean().sqrt()
                 tensors[k] = (t64 + noise * rms * torch.randn(t.shape, generator=gen, dtype=torch.float64)).to(t.dtype)
-        write_atomic(shard, lambda tmp, ts=tensors: save_file(ts, str(tmp), metadata={"format": "pt"}))
+        save_tensors(shard, tensors, {"format": "pt"}, order=order)  # a source model: no fold marker
 
 
 @dataclass(frozen=True)
@@ -151,18 +149,20 @@ def main(argv: list[str] | None = None) -> None:
 def solved_from_spec(spec_path: str | os.PathLike) -> tuple[np.ndarray | None, dict[int, np.ndarray], dict[int, np.ndarray]]:
     """The solved global rotation and per-layer head / neuron permutations named by a
     transforms.json (layer keys are block indices)."""
-    from safetensors.numpy import load_file
-
     spec = Path(spec_path)
     data = json.loads(spec.read_text(encoding="utf-8"))
-    q = load_file(str(spec.parent / data["residual_rotation_path"]))["rotation"] if data.get("residual_rotation_path") else None
+
+    def tensor(key: str, rel: str) -> np.ndarray:
+        return read_tensors(spec.parent / rel, [key])[key]
+
+    q = tensor("rotation", data["residual_rotation_path"]) if data.get("residual_rotation_path") else None
     heads, neurons = {}, {}
     for entry in data.get("layers", []):
         i = int(entry["name"].rsplit(".", 1)[-1])
         if entry.get("head_permutation_path"):
-            heads[i] = load_file(str(spec.parent / entry["head_permutation_path"]))["permutation"]
+            heads[i] = tensor("permutation", entry["head_permutation_path"])
         if entry.get("neuron_permutation_path"):
-            neurons[i] = load_file(str(spec.parent / entry["neuron_permutation_path"]))["permutation"]
+            neurons[i] = tensor("permutation", entry["neuron_permutation_path"])
     return q, heads, neurons
 
 

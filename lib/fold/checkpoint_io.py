@@ -1,13 +1,15 @@
 """Streaming safetensors checkpoints: read tensor by tensor, write sharded output with an index.
 
 Reading (`CheckpointReader`): a HF model folder with `model.safetensors`, or shards listed in
-`model.safetensors.index.json`. Each read opens the file with `safetensors.safe_open` and closes
-it again, so the memory map (and the RSS it brings) never outlives one tensor.
+`model.safetensors.index.json`. Every header is validated up front against its file's size
+(lib.store.safetensors_io.read_header), so a truncated or corrupt checkpoint is refused before
+any flow starts; each read then preads just that tensor's bytes.
 
 Writing (`ShardedWriter`): the output layout (names, dtypes, shapes) is planned first, split
-into shards of at most `max_shard_bytes`, and each shard's safetensors header is written before
-its tensors are streamed in, one at a time — peak memory is one tensor, not one shard. The
-writer always emits `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`.
+into shards of at most `max_shard_bytes`, and each shard (a lib.store.safetensors_io.StreamWriter)
+gets its header first, then its tensors streamed in one at a time or copied raw by the kernel —
+peak memory is one tensor, not one shard. The writer always emits
+`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`.
 
 Publishing (`staged_output`): everything is written into a hidden temp folder beside the output
 and renamed into place at the end (an existing non-empty output is swapped out only with
@@ -20,15 +22,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib.core.dtypes import ITEMSIZE, ST_DTYPES, st_code
+from lib.core.dtypes import ITEMSIZE
 from lib.core.errors import BadInputError
 from lib.store.atomic import write_text_atomic
+from lib.store.safetensors_io import Header, StreamWriter, read_header, read_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -65,30 +67,11 @@ class TensorEntry:
         return n
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON) and the
-    offset where the data section starts."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise BadInputError(f"{path}: truncated safetensors file (no header); re-download or re-save it")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100 << 20:
-                raise BadInputError(f"{path}: safetensors header of {n} bytes is implausible; the file is corrupt")
-            header = json.loads(fh.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise BadInputError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
-    if not isinstance(header, dict):
-        raise BadInputError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object; the file is corrupt")
-    return header, 8 + n
-
-
 class CheckpointReader:
     """Tensor-by-tensor access to a HF safetensors checkpoint folder (no weights loaded up front).
 
-    `entries` maps tensor name -> TensorEntry (headers only). `read(name)` returns a CPU torch
-    tensor in the stored dtype, opening its file with `safe_open` for that one read.
+    `entries` maps tensor name -> TensorEntry and `headers` file -> validated Header (headers
+    only). `read(name)` returns a CPU torch tensor in the stored dtype.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -98,25 +81,13 @@ class CheckpointReader:
                                 "save_pretrained or a hub id")
         self.weight_files = self._weight_files()
         self.entries: dict[str, TensorEntry] = {}
+        self.headers: dict[str, Header] = {}
         for f in self.weight_files:
-            header, data_start = _read_header(self.folder / f)
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
-                if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets])):
-                    raise BadInputError(f"{self.folder / f}: tensor {name!r} has a malformed header entry {info!r:.100}; "
-                                        "the file is corrupt")
-                if info.get("dtype") not in ST_DTYPES:
-                    raise BadInputError(f"{self.folder / f}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            header = self.headers[f] = read_header(self.folder / f)
+            for name, info in header.tensors.items():
                 if name in self.entries:
                     raise BadInputError(f"{self.folder}: tensor {name!r} appears in both {self.entries[name].file} and {f}")
-                entry = TensorEntry(name, info["dtype"], tuple(shape), f, data_start + offsets[0])
-                if offsets[1] - offsets[0] != entry.nbytes:
-                    raise BadInputError(f"{self.folder / f}: tensor {name!r} spans {info['data_offsets']} bytes, its "
-                                        f"shape {entry.shape} and dtype {entry.dtype} need {entry.nbytes}; the file is corrupt")
-                self.entries[name] = entry
+                self.entries[name] = TensorEntry(name, info.dtype, info.shape, f, info.begin)
 
     def _weight_files(self) -> list[str]:
         index = self.folder / INDEX_FILE
@@ -152,14 +123,11 @@ class CheckpointReader:
             raise BadInputError(f"{self.folder / 'config.json'}: not valid JSON ({exc})") from None
 
     def read(self, name: str):
-        """The tensor `name` as a CPU torch tensor in its stored dtype (one safe_open per call)."""
-        from safetensors import safe_open
-
+        """The tensor `name` as a CPU torch tensor in its stored dtype."""
         entry = self.entries.get(name)
         if entry is None:
             raise BadInputError(f"{self.folder}: checkpoint has no tensor {name!r}")
-        with safe_open(str(self.folder / entry.file), framework="pt") as fh:
-            return fh.get_tensor(name)
+        return read_tensors(self.headers[entry.file], [name], framework="pt")[name]
 
     def path_of(self, name: str) -> Path:
         return self.folder / self.entries[name].file
@@ -189,17 +157,6 @@ def shard_file_name(k: int, n: int) -> str:
     return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _header_bytes(entries: Sequence[TensorEntry], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for e in entries:
-        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(raw)) + raw
-
-
 class ShardedWriter:
     """Write planned tensors into sharded safetensors files, one tensor at a time.
 
@@ -214,57 +171,38 @@ class ShardedWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.order = [(k, e) for k, shard in enumerate(self.shards) for e in shard]
         self.pos = 0
-        self.fh: Any = None
+        self.stream: StreamWriter | None = None
         self.current = -1
         self.files = [shard_file_name(k, len(self.shards)) for k in range(len(self.shards))]
 
     def _open(self, k: int) -> None:
         self._close_file()
         self.current = k
-        self.fh = open(self.folder / self.files[k], "wb")
-        self.fh.write(_header_bytes(self.shards[k], self.metadata))
+        self.stream = StreamWriter(self.folder / self.files[k], [(e.name, e.dtype, e.shape) for e in self.shards[k]],
+                                   self.metadata, sync_dir=False)
 
     def _close_file(self) -> None:
-        if self.fh is not None:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.fh.close()
-            self.fh = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
-    def write(self, name: str, tensor: Any) -> None:
+    def _shard_of(self, name: str) -> StreamWriter:
         if self.pos >= len(self.order):
             raise RuntimeError(f"ShardedWriter: {name!r} is beyond the planned tensors")
-        k, e = self.order[self.pos]
-        if name != e.name:
-            raise RuntimeError(f"ShardedWriter: expected {e.name!r} next, got {name!r}")
-        if st_code(tensor.dtype) != e.dtype or tuple(tensor.shape) != e.shape:
-            raise RuntimeError(f"ShardedWriter: {name!r} is {st_code(tensor.dtype)} {list(tensor.shape)}, "
-                               f"planned {e.dtype} {list(e.shape)}")
+        k, _ = self.order[self.pos]
         if k != self.current:
             self._open(k)
-        t = tensor.detach().contiguous().cpu()
-        # Bytes view without a copy (bf16 has no numpy dtype: view as uint8 first).
-        import torch
+        return self.stream
 
-        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        self.fh.write(memoryview(data) if t.numel() else data)
+    def write(self, name: str, tensor: Any) -> None:
+        self._shard_of(name).write(name, tensor)
         self.pos += 1
 
     def copy_raw(self, name: str, source: CheckpointReader, source_name: str | None = None) -> None:
         """Write planned tensor `name` as the unchanged bytes of `source_name` in `source`
         (same dtype and shape), copied file to file by the kernel: no tensor in memory."""
-        if self.pos >= len(self.order):
-            raise RuntimeError(f"ShardedWriter: {name!r} is beyond the planned tensors")
-        k, e = self.order[self.pos]
         src = source.entries[source_name or name]
-        if name != e.name or (src.dtype, src.shape) != (e.dtype, e.shape):
-            raise RuntimeError(f"ShardedWriter: cannot copy {src.name!r} {src.dtype} {list(src.shape)} as planned "
-                               f"{e.name!r} {e.dtype} {list(e.shape)}")
-        if k != self.current:
-            self._open(k)
-        self.fh.flush()
-        with open(source.path_of(src.name), "rb") as fin:
-            copy_range(fin.fileno(), self.fh.fileno(), src.offset, e.nbytes)
+        self._shard_of(name).copy_raw(name, source.headers[src.file], src.name)
         self.pos += 1
 
     def close(self) -> dict[str, Any]:
@@ -279,30 +217,9 @@ class ShardedWriter:
         return index
 
     def abort(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
-
-
-def copy_range(fd_in: int, fd_out: int, offset: int, nbytes: int) -> None:
-    """Copy `nbytes` from `fd_in` at `offset` to the current position of `fd_out`
-    (os.copy_file_range where the kernel has it, else pread/write in 8 MiB pieces)."""
-    done = 0
-    use_cfr = hasattr(os, "copy_file_range")
-    while done < nbytes:
-        n = min(nbytes - done, 1 << 30)
-        if use_cfr:
-            try:
-                got = os.copy_file_range(fd_in, fd_out, n, offset + done)
-            except OSError:
-                use_cfr = False
-                continue
-        else:
-            buf = os.pread(fd_in, min(n, 8 << 20), offset + done)
-            got = os.write(fd_out, buf)
-        if got <= 0:
-            raise OSError(f"short copy: {done} of {nbytes} bytes (source truncated?)")
-        done += got
+        if self.stream is not None:
+            self.stream.abort()
+            self.stream = None
 
 
 def copy_side_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ import numpy as np
 from lib.core.errors import BadInputError
 from lib.fold.checks import _to_numpy, derive_kv_permutation
 from lib.models.adapters import adapter_for_config
-from lib.store.atomic import write_atomic, write_text_atomic
+from lib.store.atomic import write_text_atomic
+from lib.store.safetensors_io import read_header, read_tensors, save_tensors
 
 SPEC_VERSION = 1
 
@@ -89,19 +90,33 @@ def resolve_spec_file(spec_path: Path, rel: str, root: Path, allow_outside: bool
 
 def read_spec_tensors(file: Path, required: tuple[str, ...], optional: tuple[str, ...], where: str) -> dict[str, Any]:
     """Named tensors of a small safetensors file as numpy arrays (extra tensors are ignored)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(file), framework="np") as fh:
-            keys = set(fh.keys())
-            missing = [k for k in required if k not in keys]
-            if missing:
-                raise BadInputError(f"{where}: {file.name} has no tensor {missing[0]!r} (it holds {sorted(keys)})")
-            return {k: fh.get_tensor(k) for k in (*required, *optional) if k in keys}
-    except SafetensorError as exc:
-        raise BadInputError(f"{where}: {file} is not a readable safetensors file ({exc})") from None
-    except OSError as exc:
-        raise BadInputError(f"{where}: {file} could not be read ({exc})") from None
+        header = read_header(file)
+        missing = [k for k in required if k not in header.tensors]
+        if missing:
+            raise BadInputError(f"{file.name} has no tensor {missing[0]!r} (it holds {sorted(header.tensors)})")
+        return read_tensors(header, [k for k in (*required, *optional) if k in header.tensors])
+    except BadInputError as exc:
+        raise BadInputError(f"{where}: {exc}") from None
+
+
+def write_spec(path: str | os.PathLike, layers: Sequence[Mapping[str, Any]], *, model_type: str | None = None,
+               residual_rotation_path: str | None = None, provenance: Mapping[str, Any] | None = None) -> Path:
+    """The one writer of transforms.json (the fold's contract): {"version", "model_type"?,
+    "residual_rotation_path"?, "layers": [{name, <kind>_path..., head_dim?}], "provenance"?},
+    paths relative to the spec's folder; written atomically. Nothing is validated here
+    (`WeightTransformSet.from_spec` does)."""
+    spec: dict[str, Any] = {"version": SPEC_VERSION}
+    if model_type:
+        spec["model_type"] = model_type
+    if residual_rotation_path is not None:
+        spec["residual_rotation_path"] = residual_rotation_path
+    spec["layers"] = [dict(e) for e in layers]
+    if provenance is not None:
+        spec["provenance"] = dict(provenance)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_transform_spec(folder: str | os.PathLike, config: Any, *, residual_rotation: Any = None,
@@ -115,8 +130,6 @@ def write_transform_spec(folder: str | os.PathLike, config: Any, *, residual_rot
     rotations/global.safetensors, rotations/<layer>.{rotation,vo,qk}.safetensors,
     permutations/<layer>.{heads,mlp}.safetensors. Nothing is validated here (tests write bad
     specs on purpose); `WeightTransformSet.from_spec` validates. Returns the spec path."""
-    from safetensors.numpy import save_file
-
     cfg = config if isinstance(config, dict) else config.to_dict()
     adapter = adapter_for_config(cfg)
     folder = Path(folder)
@@ -124,16 +137,15 @@ def write_transform_spec(folder: str | os.PathLike, config: Any, *, residual_rot
     (folder / "permutations").mkdir(parents=True, exist_ok=True)
 
     def save(rel: str, tensors: dict[str, np.ndarray]) -> str:
-        write_atomic(folder / rel, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp)))
+        save_tensors(folder / rel, tensors)
         return rel
 
     def block(k: int | str) -> str:
         return adapter.block_name(k) if isinstance(k, int | np.integer) else str(k)
 
-    spec: dict[str, Any] = {"version": SPEC_VERSION, "model_type": adapter.model_type}
+    residual = None
     if residual_rotation is not None:
-        spec["residual_rotation_path"] = save("rotations/global.safetensors",
-                                              {"rotation": _to_numpy(residual_rotation).astype(np.float64)})
+        residual = save("rotations/global.safetensors", {"rotation": _to_numpy(residual_rotation).astype(np.float64)})
     entries: dict[str, dict[str, Any]] = {}
 
     def entry(k: int | str) -> dict[str, Any]:
@@ -159,7 +171,5 @@ def write_transform_spec(folder: str | os.PathLike, config: Any, *, residual_rot
     for k, r in (qk_rotations or {}).items():
         entry(k)["qk_rotation_path"] = save(f"rotations/{block(k)}.qk.safetensors",
                                             {"rotation": _to_numpy(r).astype(np.float64)})
-    spec["layers"] = [entries[n] for n in sorted(entries, key=lambda n: (adapter.block_index(n) or 0, n))]
-    out = folder / name
-    write_text_atomic(out, json.dumps(spec, indent=2) + "\n")
-    return out
+    layers = [entries[n] for n in sorted(entries, key=lambda n: (adapter.block_index(n) or 0, n))]
+    return write_spec(folder / name, layers, model_type=adapter.model_type, residual_rotation_path=residual)

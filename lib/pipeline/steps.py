@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lib.core.digests import sha256_file, sha256_json, tensor_digest
+from lib.core.digests import sha256_file, sha256_json
 from lib.core.errors import BadInputError
 from lib.models.adapters import adapter_for_config
 from lib.pipeline.config import PipelineConfig
@@ -65,7 +65,7 @@ def spec_inputs_digest(spec_path: str | os.PathLike, source_revision: str) -> st
     for layer in data.get("layers", []):
         refs += [v for k, v in layer.items() if k.endswith("_path")]
     files = sorted({r for r in refs if r})
-    return sha256_json({"spec": sha256_file(spec), "files": [[f, tensor_digest(spec.parent / f)] for f in files],
+    return sha256_json({"spec": sha256_file(spec), "files": [[f, sha256_file(spec.parent / f)] for f in files],
                         "source": source_revision})
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lib.core.errors import BadInputError
+from lib.store.safetensors_io import load_tensors
 
 
 @dataclass
@@ -50,24 +51,12 @@ class Transport:
         return y + mo if mo is not None else y
 
 
-def _load_safetensors(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: transport file not found") from None
-    except Exception as exc:  # safetensors raises its own types for a bad header
-        raise BadInputError(f"{path}: not a readable safetensors file ({exc.__class__.__name__}: {str(exc)[:120]})") from None
-
-
 def load_transport(kind: str, path: str | os.PathLike) -> Transport:
     """Read one transport file (see `Transport`); BadInputError names the file, tensor and shape."""
     import torch
 
     path = str(path)
-    t, meta = _load_safetensors(path)
+    t, meta = load_tensors(path, framework="pt")
 
     def need(name: str, ndim: int):
         if name not in t:

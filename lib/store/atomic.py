@@ -62,31 +62,59 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], sync_d
     return path
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: Any, sync_dir: bool = True) -> Path:
-    """`write_atomic` for bytes (or a list of buffers, written in order without joining them),
-    written and fsynced through one descriptor."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        for part in ([data] if isinstance(data, bytes | bytearray | memoryview) else data):
-            view = memoryview(part).cast("B")
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp_name, path)
-        if sync_dir:
-            fsync_dir(path.parent)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
+class AtomicFile:
+    """A temp file beside `path`, written through its descriptor `fd`: `commit()` fsyncs it and
+    renames it into place, `discard()` removes it (the final path is untouched until commit).
+    For writers that stream a file piece by piece (lib.store.safetensors_io.StreamWriter).
+    `fsync=False` keeps the rename atomic for readers but skips durability (scratch files that
+    are read at once and never survive a crash, like the vLLM worker's spool)."""
+
+    def __init__(self, path: str | os.PathLike, sync_dir: bool = True, fsync: bool = True):
+        self.path = Path(path)
+        self.sync_dir = sync_dir and fsync
+        self.fsync = fsync
+        self.fd, self.tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}.", dir=self.path.parent)
+        try:
+            os.fchmod(self.fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def commit(self) -> Path:
+        if self.fsync:
+            os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp, self.path)
+        if self.sync_dir:
+            fsync_dir(self.path.parent)
+        return self.path
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            os.unlink(self.tmp)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: Any, sync_dir: bool = True, fsync: bool = True) -> Path:
+    """`write_atomic` for bytes (or a list of buffers, written in order without joining them),
+    written and fsynced through one descriptor (see AtomicFile for `fsync=False`)."""
+    out = AtomicFile(path, sync_dir, fsync)
+    try:
+        for part in ([data] if isinstance(data, bytes | bytearray | memoryview) else data):
+            out.write(part)
+        return out.commit()
+    except BaseException:
+        out.discard()
         raise
-    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

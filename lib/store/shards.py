@@ -17,16 +17,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lib.core.digests import sha256_file
-from lib.core.dtypes import _ST_DTYPES
 from lib.core.errors import BadInputError
 from lib.store.atomic import append_lines_durable, fsync_dir, locked, write_bytes_atomic, write_text_atomic
+from lib.store.safetensors_io import read_header, read_tensors, tensor_parts
 
 INDEX_NAME = "metadata.jsonl"
 
@@ -155,32 +154,10 @@ def resolve_index_path(index_path: str | os.PathLike) -> Path:
 
 def shard_parts(tensors: dict[str, Any], metadata: dict[str, str]) -> list[Any]:
     """The bytes of a shard as a list of buffers (header, then each tensor's data, zero-copy
-    views where the tensor is contiguous on CPU), for hashing and `writev` without joining.
-
-    We lay the bytes out ourselves (the format is 8-byte LE header length, JSON header, raw
-    little-endian data) so that equal inputs give equal bytes: the library's writer orders
-    metadata keys by hash, which would make checksums of identical shards differ. Tensors are
-    stored in name order; the header is space-padded to a multiple of 8 bytes.
-    """
-    import torch
-
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise BadInputError("shard metadata must map str -> str")
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    blobs: list[Any] = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        code = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
-        if code is None:
-            raise BadInputError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a shard")
-        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + raw.nbytes]}
-        blobs.append(raw)
-        offset += raw.nbytes
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    return [struct.pack("<Q", len(head)) + head, *blobs]
+    views where the tensor is contiguous on CPU), for hashing and `writev` without joining:
+    tensors in name order, metadata keys sorted (lib.store.safetensors_io.tensor_parts), so that
+    equal inputs give equal bytes and equal checksums."""
+    return tensor_parts(tensors, metadata)
 
 
 def serialize_shard(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
@@ -269,19 +246,5 @@ def verify_record(folder: Path, record: ShardRecord) -> str | None:
 
 def load_shard(path: str | os.PathLike, names: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Load tensors (all, or `names`) and the header metadata of one shard (torch tensors)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            keys = list(fh.keys()) if names is None else list(names)
-            missing = [k for k in keys if k not in fh.keys()]
-            if missing:
-                raise BadInputError(f"{path}: tensor(s) {missing} not in shard; it holds {sorted(fh.keys())}")
-            tensors = {k: fh.get_tensor(k) for k in keys}
-    except BadInputError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise BadInputError(f"{path}: not a readable safetensors file ({exc.__class__.__name__}: {str(exc)[:120]})") from None
-    return tensors, meta
+    header = read_header(path)
+    return read_tensors(header, names, framework="pt"), dict(header.metadata)

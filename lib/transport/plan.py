@@ -56,6 +56,7 @@ import numpy as np
 
 from lib.core.errors import BadInputError
 from lib.store.runs import new_run_id
+from lib.store.safetensors_io import read_tensors
 from lib.store.shards import ACT_PREFIX, INPUT_SUFFIX, ShardRecord, read_index, resolve_index_path
 from lib.store.staging import check_output_dir
 from lib.transport.files import GLOBAL_NAME
@@ -197,14 +198,7 @@ def _side_width(index: Path, rows: Iterable[ShardRecord], hook: str, side: str) 
 
 
 def _read_ids(path: Path) -> np.ndarray:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return fh.get_tensor("input_ids").numpy()
-    except Exception as exc:
-        raise BadInputError(f"{path}: cannot read input_ids ({exc.__class__.__name__}: {str(exc)[:100]}); "
-                            "run `tourguide validate` on the index and recapture that shard") from None
+    return read_tensors(path, ["input_ids"])["input_ids"]
 
 
 def _pair_tokens(s_dir: Path, t_dir: Path, s: ShardRecord, t: ShardRecord) -> int:

@@ -47,14 +47,13 @@ def ledger_rows(plan: RotationPlan, merged: Sequence[Mapping[str, Any]]) -> list
              "teacher_index": plan.teacher_index} for r in merged]
 
 
-def write_transform_spec(plan: RotationPlan, merged: Sequence[Mapping[str, Any]], pooled: Mapping[str, Any]) -> Path:
-    """transforms.json for the fold (paths relative to the spec's folder): the pooled Q as
-    residual_rotation_path, per-layer head/neuron permutations, rotation_path null (per-layer
-    rotations are diagnostics: only the one global Q folds exactly)."""
-    from lib.store.atomic import write_text_atomic
+def write_rotation_spec(plan: RotationPlan, merged: Sequence[Mapping[str, Any]], pooled: Mapping[str, Any]) -> Path:
+    """transforms.json for the fold (paths relative to the spec's folder, written by the fold's
+    one spec writer): the pooled Q as residual_rotation_path, per-layer head/neuron permutations,
+    rotation_path null (per-layer rotations are diagnostics: only the one global Q folds exactly)."""
+    from lib.fold.spec import write_spec
 
-    spec_path = Path(plan.spec_out)
-    folder = spec_path.resolve().parent
+    folder = Path(plan.spec_out).resolve().parent
 
     def rel(p: str | None) -> str | None:
         return None if p is None else os.path.relpath(Path(p).resolve(), folder)
@@ -69,17 +68,11 @@ def write_transform_spec(plan: RotationPlan, merged: Sequence[Mapping[str, Any]]
         if head_dim is not None:
             entry["head_dim"] = int(head_dim)
         entries.append(entry)
-    spec: dict[str, Any] = {"version": 1}
-    if plan.model_type:
-        spec["model_type"] = plan.model_type
-    spec["residual_rotation_path"] = rel(pooled["rotation_path"])
-    spec["layers"] = entries
-    spec["provenance"] = {"run_id": plan.run_id, "student_index": plan.student_index,
-                          "teacher_index": plan.teacher_index, "n_tokens": plan.n_tokens,
-                          "pca_dim": plan.options.pca_dim, "excluded_position0": plan.options.exclude_position0,
-                          "qa_adapter": rel(pooled.get("qa_adapter_path"))}
-    spec_path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(spec_path, json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
+    provenance = {"run_id": plan.run_id, "student_index": plan.student_index, "teacher_index": plan.teacher_index,
+                  "n_tokens": plan.n_tokens, "pca_dim": plan.options.pca_dim,
+                  "excluded_position0": plan.options.exclude_position0, "qa_adapter": rel(pooled.get("qa_adapter_path"))}
+    return write_spec(plan.spec_out, entries, model_type=plan.model_type, residual_rotation_path=rel(pooled["rotation_path"]),
+                      provenance=provenance)
 
 
 def fmt_value(v: Any, spec: str = ".4f") -> str:
@@ -115,7 +108,7 @@ def record_rotation(plan: RotationPlan, layer_results: Sequence[Mapping[str, Any
         from lib.store.ledgers import append_rows
 
         ledger_file = str(append_rows(plan.ledger, "rotations", ledger_rows(plan, merged)))
-    spec = str(write_transform_spec(plan, merged, pooled)) if plan.spec_out else None
+    spec = str(write_rotation_spec(plan, merged, pooled)) if plan.spec_out else None
     n_cos = min((r.get("n_cosine_tokens") or 0) for r in merged)
     notes = [f"{plan.n_tokens} paired tokens from {len(plan.pairs)} sample(s)"
              + (f" ({plan.unpaired_student} student / {plan.unpaired_teacher} teacher sample(s) unpaired)"

@@ -1,7 +1,7 @@
 """Streaming paired student/teacher rows out of shards, chunk by chunk, in float64.
 
-`stream_pairs` reads each shard once, tensor by tensor (safetensors reads only the named
-tensors and rows), casts the kept rows straight into float64 chunk buffers of a bounded size and
+`stream_pairs` reads each shard once, tensor by tensor (lib.store.safetensors_io reads only the
+named tensors' rows), casts the kept rows straight into float64 chunk buffers of a bounded size and
 hands each full chunk to the accumulators (lib.transport.stats, lib.transport.permutations).
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lib.core.errors import BadInputError
+from lib.store.safetensors_io import read_rows
 
 CHUNK_BYTES = 32 << 20  # per pair of float64 chunk buffers: big enough for efficient GEMMs
 
@@ -34,19 +35,11 @@ def chunk_rows_for(width: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 def _read_rows(path: str, names: Sequence[str], start: int, stop: int) -> list[np.ndarray]:
     """Rows [start, stop) of each named tensor of one shard, in the stored dtype (numpy; bf16 → f32)."""
-    from safetensors import safe_open
-
     out = []
-    try:
-        with safe_open(path, framework="pt") as fh:
-            for name in names:
-                t = fh.get_slice(name)[start:stop]
-                if t.dtype.is_floating_point and t.dtype.itemsize < 4:
-                    t = t.float()  # numpy has no bfloat16
-                out.append(t.numpy())
-    except Exception as exc:
-        raise BadInputError(f"{path}: cannot read {list(names)} ({exc.__class__.__name__}: {str(exc)[:120]}); "
-                            "re-run `tourguide validate` and recapture that shard") from None
+    for t in read_rows(path, names, start, stop, framework="pt"):
+        if t.dtype.is_floating_point and t.dtype.itemsize < 4:
+            t = t.float()  # numpy has no bfloat16
+        out.append(t.numpy())
     return out
 
 

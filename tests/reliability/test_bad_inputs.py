@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -82,6 +83,7 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     ("fold-spec-model-type", "fold --checkpoint {M} --output-dir {O} --spec {W}/run/llama.json", "BadInputError", ["'llama'", "qwen3"], "a spec solved for another model type"),
     # fold: checkpoints and flags
     ("fold-checkpoint-no-config", "fold --checkpoint {W}/ckpt-noconfig --output-dir {O} --spec {W}/run/good/transforms.json", "ModelLoadError", ["ckpt-noconfig", "no config.json"], "a checkpoint folder without config.json"),
+    ("fold-checkpoint-truncated", "fold --checkpoint {W}/ckpt-truncated --output-dir {O} --spec {W}/run/good/transforms.json", "BadInputError", ["ckpt-truncated/model.safetensors", "tensor 'model.embed_tokens.weight'", "truncated"], "a model.safetensors cut short (was accepted; the fold then died after Prefect started)"),
     ("fold-output-is-source", "fold --checkpoint {M} --output-dir {M} --spec {W}/run/good/transforms.json", "BadInputError", ["never overwrites its source"], "--output-dir = the source checkpoint"),
     ("fold-output-not-empty", "fold --checkpoint {M} --output-dir {W}/nonempty --spec {W}/run/good/transforms.json", "BadInputError", ["{W}/nonempty", "--overwrite"], "a non-empty --output-dir without --overwrite"),
     ("fold-shard-size", "fold --checkpoint {M} --output-dir {O} --spec {W}/run/good/transforms.json --max-shard-size lots", "BadInputError", ["'lots'", "2GB"], "an unreadable --max-shard-size"),
@@ -144,6 +146,12 @@ def build_world(w: Path, model: Path) -> None:
     (w / "nonempty" / "keep.txt").write_text("keep me")
     (w / "ckpt-noconfig").mkdir()
     (w / "ckpt-noconfig" / "model.safetensors").write_bytes(b"\0" * 16)
+    shutil.copytree(model, w / "ckpt-truncated")  # its data cut off halfway through the embedding
+    weights = w / "ckpt-truncated" / "model.safetensors"
+    (n,) = struct.unpack("<Q", weights.read_bytes()[:8])
+    begin, end = json.loads(weights.read_bytes()[8:8 + n])["model.embed_tokens.weight"]["data_offsets"]
+    with open(weights, "r+b") as fh:
+        fh.truncate(8 + n + (begin + end) // 2)
     (w / "garbage.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
     (w / "evil.pt").write_bytes(evil_pickle(w / "pwned"))
     good = (w / "acts" / "student" / "metadata.jsonl").read_text().splitlines()

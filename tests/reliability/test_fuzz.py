@@ -1,6 +1,7 @@
 """Fuzzing the parsers that read files from strangers, with hypothesis: metadata.jsonl lines,
 transforms.json (+ the tensor files it names), eval configs (JSON and TOML) and safetensors
-headers (shards, legacy analysis, the fold's checkpoint reader, spec tensors).
+headers (shards, legacy analysis, the fold's checkpoint reader, spec tensors), and tensor reads
+(whole, by rows) and raw byte-range copies from files cut short or changed under the reader.
 
 Contract: a parser returns, or raises one of our documented errors (lib.errors.TourGuideError
 subclasses) — never another exception, a crash or a hang (each example runs under a SIGALRM
@@ -14,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import struct
 from datetime import timedelta
@@ -317,14 +319,14 @@ FLAWS = ["none", "none", "none", "dtype", "shape", "offsets", "entry", "metadata
 
 
 @st.composite
-def safetensors_files(draw) -> bytes:
+def safetensors_files(draw, flaws: list[str] = FLAWS, dtypes: list[str] = list(DTYPES)) -> bytes:
     """A well-formed file (1-3 tensors), then at most one flaw: so that most examples get past
     the header and reach the tensor code, and every flaw is tried on its own."""
     names = st.sampled_from(["act/model.layers.0", "act/model.layers.1", "input_ids", "logits", "act/", "x", "", "act/a:input"])
-    flaw = draw(st.sampled_from(FLAWS))
+    flaw = draw(st.sampled_from(flaws))
     header, offset = {}, 0
     for name in draw(st.lists(names, min_size=1, max_size=3, unique=True)):
-        dtype = draw(st.sampled_from(list(DTYPES)))
+        dtype = draw(st.sampled_from(dtypes))
         shape = draw(st.lists(st.integers(0, 6), max_size=3))
         n = DTYPES[dtype] * math.prod(shape)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
@@ -391,3 +393,97 @@ def test_fuzz_safetensors_from_strangers(tmp_path, raw):
     (ckpt / "config.json").write_text('{"model_type": "qwen3"}')
     (ckpt / "model.safetensors").write_bytes(raw)
     event("checkpoint read" if only_our_errors(CheckpointReader, ckpt) else "checkpoint refused")
+
+
+# --- 5. reading tensors and copying raw ranges, from files cut short or changed under the reader ----
+def _copy_all(reader, out: Path) -> bool:
+    """Copy every tensor of `reader` raw into sharded files under `out` (the fold's kernel copy)."""
+    from lib.fold.checkpoint_io import ShardedWriter
+
+    writer = ShardedWriter(out, list(reader.entries.values()), max_shard_bytes=64)
+    try:
+        for name in reader.entries:
+            writer.copy_raw(name, reader)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return True
+
+
+def _raw_bytes(t) -> bytes:
+    import torch
+
+    return bytes(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+
+
+MUTATIONS = ["none", "truncate", "truncate", "flip", "grow", "delete"]
+
+
+# Mostly well-formed files of the dtypes a checkpoint may hold, so that most examples reach the
+# reads and copies; the flaws that leave the header parseable are still tried.
+READABLE = safetensors_files(flaws=["none"] * 6 + ["data_short", "data_long", "length_off", "offsets", "shape"],
+                             dtypes=["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3"])
+
+
+@FUZZ
+@given(raw=READABLE, mutation=st.sampled_from(MUTATIONS), where=st.floats(0, 1),
+       rows=st.tuples(st.integers(-4, 8), st.integers(-4, 8)))
+@example(raw=st_bytes({"a": {"dtype": "F32", "shape": [4, 2], "data_offsets": [0, 32]}}, bytes(32)),
+         mutation="truncate", where=0.9, rows=(1, 3))  # cut inside the data after the header was read
+@example(raw=st_bytes({"a": {"dtype": "F32", "shape": [4, 2], "data_offsets": [0, 32]}}, bytes(20)),
+         mutation="none", where=0.0, rows=(0, 4))  # hole 2: data cut short before the reader opened it
+def test_fuzz_tensor_reads_and_raw_copies(tmp_path, raw, mutation, where, rows):
+    """Not only the header parse: read every tensor (whole and by rows) and copy it raw with
+    os.copy_file_range, from fuzzed files, and again after the file was cut short, changed,
+    grown or deleted under an open reader. Only our documented errors may escape, and an
+    untouched file's raw copy must equal what reading it gives."""
+    from lib.fold.checkpoint_io import CheckpointReader
+    from lib.store.safetensors_io import read_rows, read_tensors
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "config.json").write_text('{"model_type": "qwen3"}')
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(raw)
+    for name in ("act/model.layers.0", "input_ids", "logits", "x"):
+        for framework in ("np", "pt"):
+            only_our_errors(read_rows, weights, [name], *rows, framework=framework)
+    reader = only_our_errors(CheckpointReader, ckpt)
+    event("checkpoint read" if reader is not None else "checkpoint refused")
+    if reader is None:
+        return
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    with no_hang():
+        _copy_all(reader, out)
+        for name in reader.entries:
+            copied = read_tensors(out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][name],
+                                  [name], framework="pt")[name]
+            assert _raw_bytes(copied) == _raw_bytes(reader.read(name)), name
+    size = len(raw)
+    if mutation == "truncate":
+        os.truncate(weights, int(where * size))
+    elif mutation == "flip" and size:
+        with open(weights, "r+b") as fh:
+            fh.seek(min(int(where * size), size - 1))
+            b = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([b[0] ^ 0xFF]))
+    elif mutation == "grow":
+        with open(weights, "ab") as fh:
+            fh.write(b"\x00" * 17)
+    elif mutation == "delete":
+        weights.unlink()
+    event(f"mutation {mutation}")
+    for name in reader.entries:
+        only_our_errors(reader.read, name)
+        for framework in ("np", "pt"):
+            only_our_errors(read_rows, reader.headers["model.safetensors"], [name], *rows, framework=framework)
+    out2 = tmp_path / "out2"
+    shutil.rmtree(out2, ignore_errors=True)
+    out2.mkdir()
+    copied = only_our_errors(_copy_all, reader, out2)
+    event("copy after mutation: " + ("done" if copied else "refused"))
+    assert not [p for p in out2.iterdir() if p.name.startswith(".tmp-")], "a copy left a temp file"
