@@ -16,6 +16,7 @@ from lib.fold.options import FoldOptions
 from lib.fold.spec import write_transform_spec
 from lib.store.ledgers import read_ledger
 from lib.testing.random_transforms import random_head_permutation, random_rotation
+from tests.fold_bugs import inject_fold_bug
 
 
 def make_run(tmp_path: Path, model_dir: Path, **arrays) -> tuple[Path, Path]:
@@ -68,16 +69,17 @@ def test_fold_command_runs_the_flow(prefect_harness, make_tiny, tmp_path, capsys
     assert any(a.type == "markdown" and "Fold gate" in (a.data or "") and str(out) in a.data for a in artifacts)
 
 
-def test_failing_gate_fails_the_flow_and_marks_the_output(prefect_harness, make_tiny, tmp_path):
+def test_failing_gate_fails_the_flow_and_marks_the_output(prefect_harness, make_tiny, tmp_path, monkeypatch):
     from flows.fold import fold_flow
 
     model_dir = make_tiny("llama")
     run, spec = make_run(tmp_path, model_dir, residual_rotation=random_rotation(128, 2))
     out = run / "checkpoints" / "bad"
-    # Negative control switch (not a CLI flag): reproduce the "rotation without gain fold" bug.
+    # Negative control, injected by the test (no option can do it): the "rotation without gain fold" bug.
+    inject_fold_bug(monkeypatch, "no_gain_fold")
     with pytest.raises(GateFailedError, match="does not reproduce"):
         fold_flow(checkpoint=str(model_dir), output_dir=str(out), spec=str(spec),
-                  options=FoldOptions(fold_gains=False).to_dict(), gate_options={"n_texts": 3})
+                  options=FoldOptions(), gate_options={"n_texts": 3})
     assert (out / FAILED_MARKER).exists()
     assert json.loads((out / "fold_report.json").read_text())["status"] == "failed"
     ledger = read_ledger(run / "ledgers" / "fold", "fold")

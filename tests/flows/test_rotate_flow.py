@@ -42,7 +42,7 @@ def test_flow_maps_layers_pools_and_appends_ledger_rows(prefect_harness, capture
     s, t, xs, ys = captures
     kw = dict(student_index=str(s), teacher_index=str(t), layers=LAYERS, output_dir=str(tmp_path / "rot"),
               ledger=str(tmp_path / "ledgers" / "rotations"), spec_out=str(tmp_path / "transforms.json"),
-              options=RotateOptions(exclude_position0=True).to_dict())
+              options=RotateOptions(exclude_position0=True))
     first = rotate_flow(**kw)
     assert [r["layer"] for r in first["layers"]] == LAYERS
     keep = np.ones(len(xs[LAYERS[0]]), bool)
