@@ -8,6 +8,7 @@ from typing import Any
 from lib.core.errors import BadInputError
 from lib.core.options import Frozen
 from lib.qa.compare import MetricValue, compare_captures, measure_capture
+from lib.qa.eval_config import EvalConfig
 from lib.qa.metric_names import LOGIT_METRICS, METRICS, METRICS_VERSION, is_residual_layer
 
 
@@ -68,7 +69,6 @@ def prepare_qa(config: Any, night: str | None = None) -> dict[str, Any]:
     the config's `layers`, None = every decoder block) and "logits" (whether a metric needs them)."""
     from datetime import datetime, timezone
 
-    from lib.qa.eval_config import EvalConfig
     from lib.store.runs import project_commit, verify_snapshot
 
     cfg = EvalConfig.parse(config)

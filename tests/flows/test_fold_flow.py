@@ -84,3 +84,36 @@ def test_failing_gate_fails_the_flow_and_marks_the_output(prefect_harness, make_
     assert json.loads((out / "fold_report.json").read_text())["status"] == "failed"
     ledger = read_ledger(run / "ledgers" / "fold", "fold")
     assert list(ledger["status"]) == ["failed"] and ledger.loc[0, "mean_kl"] >= 1e-4
+
+
+@pytest.mark.parametrize("param, value, needle", [
+    ("options", {"overwrit": True}, r"fold_flow options: overwrit: unknown key \(did you mean 'overwrite'\?\)"),
+    ("options", {"fold_gains": False}, r"fold_flow options: fold_gains: unknown key"),  # no bug switch survives
+    ("gate_options", {"n_text": 3}, r"fold_flow gate_options: n_text: unknown key \(did you mean 'n_texts'\?\)"),
+    ("options", {"max_shard_bytes": "2GB"}, r"fold_flow options: max_shard_bytes: must be an integer"),
+])
+def test_a_typo_in_a_deployment_parameter_fails_the_flow(prefect_harness, make_tiny, tmp_path, param, value, needle):
+    """Hole 3: the fold options used to drop unknown keys, so `{"overwrit": true}` folded with
+    overwrite off. Now the flow fails at its first line with a BadInputError naming the key,
+    before any task runs or writes."""
+    from flows.fold import fold_flow
+    from lib.core.errors import BadInputError
+
+    model_dir = make_tiny("llama")
+    run, spec = make_run(tmp_path, model_dir, residual_rotation=random_rotation(128, 2))
+    out = run / "checkpoints" / "typo"
+    with pytest.raises(BadInputError, match=needle):
+        fold_flow(checkpoint=str(model_dir), output_dir=str(out), spec=str(spec), **{param: value})
+    assert not out.exists() and not (run / "ledgers" / "fold").exists()
+
+
+def test_fold_flow_parameters_render_as_forms():
+    """The deployment parameters are the typed models: the UI draws forms, refuses unknown keys."""
+    from flows.fold import fold_flow
+
+    schema = fold_flow.parameters.model_dump()
+    defs = schema["definitions"]
+    for param, model in (("options", "FoldOptions"), ("gate_options", "GateOptions")):
+        assert any(ref.get("$ref", "").endswith(f"/{model}") for ref in schema["properties"][param]["anyOf"])
+        assert defs[model]["additionalProperties"] is False
+        assert all(p.get("description") for p in defs[model]["properties"].values())
