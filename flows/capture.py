@@ -52,9 +52,8 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
                        hook_points=tuple(layers or ()), max_length=max_length, logits=logits, batch_size=batch_size,
                        backend=backend, hf_home=hf_home, hf_hub_cache=hf_hub_cache, vllm_options=vllm_options or {},
                        trust_remote_code=trust_remote_code)
-    spec.check()
     samples = load_texts(texts, text_files, samples_dir or SAMPLES_DIR, limit)
-    spec_d = asdict(spec)
+    spec_d = spec.model_dump(mode="json")
     plan = plan_capture_task(spec_d, [asdict(s) for s in samples], label=model_slug(model))
     out.mkdir(parents=True, exist_ok=True)
     items, hooks, digest = plan["items"], plan["hook_points"], plan["config_digest"]

@@ -5,7 +5,6 @@ Run it: `tourguide demo` (the README's main command). Prefect's ephemeral API, n
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,15 @@ from lib.pipeline.config import PipelineConfig
 from tasks.demo import demo_teacher_task, plant_student_task, recovery_task
 
 
-@flow(name="demo", flow_run_name="demo-{run_id}", log_prints=False)
+# validate_parameters=False: `recipe` is validated by DemoRecipe.parse (a BadInputError naming the
+# key) rather than by Prefect (a ParameterTypeError); the UI still renders it as a form.
+@flow(name="demo", flow_run_name="demo-{run_id}", log_prints=False, validate_parameters=False)
 def demo_flow(run_id: str = "demo", runs_root: str = "runs", noise: float = 0.01, seed: int = 0,
-              limit: int | None = None, max_length: int | None = 64, batch_size: int = 32, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+              limit: int | None = None, max_length: int | None = 64, batch_size: int = 32,
+              recipe: DemoRecipe | None = None) -> dict[str, Any]:
     """Build/reuse the teacher, plant a student, run the pipeline; return its summary plus recovery."""
-    teacher = demo_teacher_task(asdict(DemoRecipe(**(recipe or {}))))
+    recipe = DemoRecipe.parse(recipe or {}, "demo_flow recipe")
+    teacher = demo_teacher_task(recipe.model_dump(mode="json"))
     student = str(Path(runs_root) / run_id / "checkpoints" / "student")
     plant_student_task(teacher, student, seed, noise)
     cfg = PipelineConfig(run_id=run_id, runs_root=runs_root, teacher=teacher, student=student, limit=limit,

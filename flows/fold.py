@@ -11,6 +11,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from lib.fold.gate import GateOptions
+from lib.fold.options import FoldOptions
 from tasks.fold import gate_folded_checkpoint, validate_fold_spec, write_folded_checkpoint
 
 
@@ -21,21 +23,26 @@ def _run_name() -> str:
     return f"fold-{params.get('label') or Path(params['output_dir']).name}"
 
 
-@flow(name="fold", flow_run_name=_run_name, log_prints=False)
-def fold_flow(checkpoint: str, output_dir: str, spec: str, options: dict[str, Any] | None = None,
-              gate_options: dict[str, Any] | None = None, allow_inexact: bool = False,
+# validate_parameters=False: `options` / `gate_options` are validated below by the models' own
+# parse, whose errors are BadInputErrors naming the key ("fold_flow options: overwrit: unknown key
+# (did you mean 'overwrite'?) …"); Prefect's check would raise a ParameterTypeError instead. The
+# parameters stay typed as the models, so the UI renders them as forms (unknown keys refused).
+@flow(name="fold", flow_run_name=_run_name, log_prints=False, validate_parameters=False)
+def fold_flow(checkpoint: str, output_dir: str, spec: str, options: FoldOptions | None = None,
+              gate_options: GateOptions | None = None, allow_inexact: bool = False,
               allow_outside_paths: bool = False, revision: str | None = None, hf_home: str | None = None,
               hf_hub_cache: str | None = None, label: str | None = None) -> dict[str, Any]:
     """Fold `spec` into `checkpoint` (local folder or cached hub id) and gate the result.
-    `options` / `gate_options` are `FoldOptions.to_dict()` / `GateOptions.to_dict()`.
+    `options` / `gate_options`: `FoldOptions` / `GateOptions` (or their JSON dicts).
     Returns {'plan', 'fold', 'gate'}; raises GateFailedError when an exact fold fails its gate."""
+    fold_opts = FoldOptions.parse(options or {}, "fold_flow options").model_dump(mode="json")
+    gate_opts = GateOptions.parse(gate_options or {}, "fold_flow gate_options").model_dump(mode="json")
     label = label or Path(output_dir).name
-    options = dict(options or {})
-    plan = validate_fold_spec(checkpoint, spec, output_dir, options, allow_inexact, allow_outside_paths, revision,
+    plan = validate_fold_spec(checkpoint, spec, output_dir, fold_opts, allow_inexact, allow_outside_paths, revision,
                               hf_home, hf_hub_cache, label=label)
-    fold = write_folded_checkpoint(plan["source_dir"], spec, output_dir, options, allow_inexact,
+    fold = write_folded_checkpoint(plan["source_dir"], spec, output_dir, fold_opts, allow_inexact,
                                    allow_outside_paths, label=label)
-    gate = gate_folded_checkpoint(plan["source_dir"], output_dir, spec, dict(gate_options or {}), allow_inexact,
+    gate = gate_folded_checkpoint(plan["source_dir"], output_dir, spec, gate_opts, allow_inexact,
                                   allow_outside_paths, source_ref=checkpoint, label=label)
     get_run_logger().info("fold %s -> %s: %s", checkpoint, output_dir, gate["status"])
     return {"plan": plan, "fold": fold, "gate": gate}

@@ -47,11 +47,15 @@ def _child(deployment: str, parameters: dict[str, Any], key: str) -> None:
                              f"see it in the Prefect UI")
 
 
-@flow(name="pipeline", flow_run_name=_run_name, log_prints=False)
+# validate_parameters=False: `config` is validated by PipelineConfig.parse below, whose errors are
+# BadInputErrors naming the key ("pipeline_flow config: teacherr: unknown key …"); Prefect's own
+# check would raise a ParameterTypeError instead. The UI still renders the model as a form.
+@flow(name="pipeline", flow_run_name=_run_name, log_prints=False, validate_parameters=False)
 def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     """Run the whole pipeline for `config`; returns the paths and summaries of every step."""
     from prefect.runtime import flow_run
 
+    config = PipelineConfig.parse(config, "pipeline_flow config")
     log = get_run_logger()
     run_dir = config.run_dir()
     scaffold = scaffold_flow(run_id=config.run_id, runs_root=config.runs_root)

@@ -21,7 +21,7 @@ def _run_name() -> str:
 
 @flow(name="report", flow_run_name=_run_name, log_prints=False)
 def report_flow(run_id: str, runs_root: str = "runs", failures: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """Returns `ReportResult.to_dict()` plus "artifacts": {kind: artifact key}."""
+    """Returns the `ReportResult` (`model_dump(mode="json")`) plus "artifacts": {kind: artifact key}."""
     rendered = render_report_task(run_id, runs_root, failures)
     keys = publish_report_task(rendered, label=run_id)
     return {**rendered, "artifacts": keys}

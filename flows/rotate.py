@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lib.store.runs import new_run_id
+from lib.transport.options import RotateOptions
 from tasks.rotate import (
     layer_label,
     pca_cosine_task,
@@ -35,16 +36,20 @@ def _run_name() -> str:
 DEFAULT_WORKERS = 2
 
 
-@flow(name="rotate", flow_run_name=_run_name, log_prints=False,
+# validate_parameters=False: `options` is validated below by RotateOptions.parse, whose errors are
+# BadInputErrors naming the key ("rotate_flow options: pca_dimm: unknown key …"); Prefect's check
+# would raise a ParameterTypeError. The parameter stays typed, so the UI renders it as a form.
+@flow(name="rotate", flow_run_name=_run_name, log_prints=False, validate_parameters=False,
       task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS))
 def rotate_flow(student_index: str, teacher_index: str, layers: list[str] | None = None,
                 output_dir: str = "rotations", ledger: str | None = None, spec_out: str | None = None,
-                options: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
+                options: RotateOptions | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Solve per-layer rotations, the pooled global rotation and (optionally) permutations.
-    `options` is `RotateOptions.to_dict()`. Returns `lib.transports.record_rotation`'s summary."""
+    `options`: `RotateOptions` (or its JSON dict). Returns `lib.transport.record.record_rotation`'s summary."""
+    opts = RotateOptions.parse(options or {}, "rotate_flow options").model_dump(mode="json")
     run_id = run_id or new_run_id("rotate")
     validate_shards([student_index, teacher_index], label="rotate")
-    plan = plan_rotation_task(student_index, teacher_index, layers, output_dir, ledger, spec_out, options, run_id)
+    plan = plan_rotation_task(student_index, teacher_index, layers, output_dir, ledger, spec_out, opts, run_id)
     names = plan["layers"]
     labels = [layer_label(x) for x in names]
     results = [f.result() for f in solve_layer_task.map(unmapped(plan), names, labels)]

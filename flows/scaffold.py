@@ -31,4 +31,4 @@ def scaffold_flow(run_id: str | None = None, runs_root: str = "runs", samples_di
                         teacher_commit=teacher_commit, student_commit=student_commit,
                         **({"samples_dir": samples_dir} if samples_dir else {}),
                         **({"prompts_dir": prompts_dir} if prompts_dir else {}))
-    return scaffold_run_task(spec.to_dict(), label=spec.run_id)
+    return scaffold_run_task(spec.model_dump(mode="json"), label=spec.run_id)

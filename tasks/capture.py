@@ -18,12 +18,6 @@ from lib.store.corpus import Sample
 from tasks.common import RETRY
 
 
-def spec_from_dict(spec: dict[str, Any]) -> CaptureSpec:
-    d = dict(spec)
-    d["hook_points"] = tuple(d.get("hook_points") or ())
-    return CaptureSpec(**d)
-
-
 def model_slug(model: str) -> str:
     return Path(model.rstrip("/")).name or model
 
@@ -31,7 +25,7 @@ def model_slug(model: str) -> str:
 @task(name="plan-capture", task_run_name="plan-{label}", retries=0)
 def plan_capture_task(spec: dict[str, Any], samples: list[dict[str, Any]], label: str = "capture") -> dict[str, Any]:
     """Tokenize + lay out capture keys. Returns {"items": [...], "hook_points", "revision", "config_digest"}."""
-    plan = plan_capture(spec_from_dict(spec), [Sample(**s) for s in samples])
+    plan = plan_capture(CaptureSpec.model_validate(spec), [Sample(**s) for s in samples])
     return {"items": [asdict(it) for it in plan.items], "hook_points": list(plan.hook_points),
             "revision": plan.model.revision, "config_digest": plan.config_digest}
 
@@ -52,7 +46,7 @@ def capture_batch(spec: dict[str, Any], items: list[dict[str, Any]], hook_points
 
     A cache hit proves only that this batch ran once: the flow re-checks the shards on disk.
     """
-    cs = spec_from_dict(spec)
+    cs = CaptureSpec.model_validate(spec)
     plan_items = [PlanItem(**{**it, "token_ids": tuple(it["token_ids"])}) for it in items]
     plan = plan_from_items(cs, plan_items, tuple(hook_points), config_digest)
     return capture_items(cs, plan, plan_items, output_dir)

@@ -16,7 +16,7 @@ from tasks.common import RETRY
 @task(name="demo-teacher", task_run_name="demo-teacher", cache_policy=NO_CACHE, **RETRY)
 def demo_teacher_task(recipe: dict[str, Any]) -> str:
     """Folder of the demo teacher for `recipe` (trained the first time, then reused from disk)."""
-    return str(ensure_demo_teacher(DemoRecipe(**recipe), log=get_run_logger().info))
+    return str(ensure_demo_teacher(DemoRecipe.model_validate(recipe), log=get_run_logger().info))
 
 
 @task(name="plant-student", task_run_name="plant-student", cache_policy=NO_CACHE, **RETRY)

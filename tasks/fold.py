@@ -25,7 +25,7 @@ def validate_fold_spec(checkpoint: str, spec: str, output_dir: str, options: dic
                        allow_outside_paths: bool = False, revision: str | None = None, hf_home: str | None = None,
                        hf_hub_cache: str | None = None, label: str = "fold") -> dict[str, Any]:
     """Resolve the checkpoint and validate the spec against it; writes nothing. Returns the plan."""
-    plan = prepare_fold(checkpoint, spec, output_dir, FoldOptions.from_dict(options), allow_inexact=allow_inexact,
+    plan = prepare_fold(checkpoint, spec, output_dir, FoldOptions.model_validate(options), allow_inexact=allow_inexact,
                         allow_outside_paths=allow_outside_paths, revision=revision, hf_home=hf_home,
                         hf_hub_cache=hf_hub_cache)
     log = get_run_logger()
@@ -40,12 +40,12 @@ def write_folded_checkpoint(source_dir: str, spec: str, output_dir: str, options
                             allow_inexact: bool = False, allow_outside_paths: bool = False,
                             label: str = "fold") -> dict[str, Any]:
     """Stream the source through the transforms into sharded safetensors (temp folder + rename)."""
-    result = fold_from_spec(source_dir, output_dir, spec, FoldOptions.from_dict(options), allow_inexact=allow_inexact,
+    result = fold_from_spec(source_dir, output_dir, spec, FoldOptions.model_validate(options), allow_inexact=allow_inexact,
                             allow_outside_paths=allow_outside_paths)
     get_run_logger().info("wrote %s: %d tensors (%d transformed), %d shard(s), %.1f MB in %.1f s", result.output_dir,
                           result.n_tensors, result.n_transformed, len(result.shards), result.bytes_written / 1e6,
                           result.seconds)
-    return result.to_dict()
+    return result.model_dump(mode="json")
 
 
 @task(name="fold-gate", task_run_name="fold-gate-{label}", cache_policy=NO_CACHE, **RETRY)
@@ -54,7 +54,7 @@ def gate_folded_checkpoint(source_dir: str, output_dir: str, spec: str, gate_opt
                            source_ref: str | None = None, label: str = "fold") -> dict[str, Any]:
     """Reload the output, compare with the source in fp32, record the report/ledger, post the
     figures as a markdown artifact; raise GateFailedError when an exact fold fails."""
-    result = gate_from_spec(source_dir, output_dir, spec, GateOptions.from_dict(gate_options),
+    result = gate_from_spec(source_dir, output_dir, spec, GateOptions.model_validate(gate_options),
                             allow_inexact=allow_inexact, allow_outside_paths=allow_outside_paths,
                             source_ref=source_ref, raise_on_failure=False)
     markdown = format_gate(result, title=f"Fold gate for {output_dir}")
@@ -63,4 +63,4 @@ def gate_folded_checkpoint(source_dir: str, output_dir: str, spec: str, gate_opt
     (log.info if result.status == "passed" else log.warning)("gate %s: %s", result.status, result.failures or "ok")
     if result.status == "failed":
         raise gate_failure(output_dir, result, source_ref or source_dir)
-    return {**result.to_dict(), "markdown": markdown}
+    return {**result.model_dump(mode="json"), "markdown": markdown}

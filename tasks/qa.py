@@ -21,8 +21,8 @@ from tasks.common import RETRY
 
 @task(name="qa-config", task_run_name="qa-config", cache_policy=NO_CACHE, **RETRY)
 def load_eval_config_task(config_path: str) -> dict[str, Any]:
-    """Parse and check the eval config (every path must exist). Returns `EvalConfig.to_dict()`."""
-    return load_eval_config(config_path).to_dict()
+    """Parse and check the eval config (every path must exist). Returns its `model_dump(mode="json")`."""
+    return load_eval_config(config_path).model_dump(mode="json")
 
 
 @task(name="qa-prepare", task_run_name="qa-prepare", cache_policy=NO_CACHE, **RETRY)
@@ -62,8 +62,8 @@ def record_metrics_task(context: dict[str, Any], variant: str, teacher_index: st
                         layers: list[str] | None = None) -> dict[str, Any]:
     """Stream the variant's shards against the teacher's (the teacher's own rows when
     `variant_index` is None) and append the rows to the metrics ledger. Returns a summary."""
-    ctx = {k: v for k, v in context.items() if k in RecordContext.__dataclass_fields__}
-    summary = record_metrics(RecordContext.from_dict(ctx), variant, teacher_index, variant_index, metrics,
+    ctx = {k: v for k, v in context.items() if k in RecordContext.model_fields}
+    summary = record_metrics(RecordContext.model_validate(ctx), variant, teacher_index, variant_index, metrics,
                              [tuple(t) for t in transports or []], layers or None, verify=False)
     log = get_run_logger()
     log.info("%s: %d row(s) over %d sample(s), %d tokens; %s", variant, summary["n_rows"], summary["n_pairs"],

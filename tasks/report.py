@@ -23,11 +23,11 @@ def artifact_key(kind: str, run_id: str) -> str:
 
 @task(name="report-render", task_run_name="report-{run_id}", cache_policy=NO_CACHE, **RETRY)
 def render_report_task(run_id: str, runs_root: str = "runs", failures: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """Write runs/<id>/report.md and its figures; returns `ReportResult.to_dict()`."""
+    """Write runs/<id>/report.md and its figures; returns the `ReportResult` (`model_dump(mode="json")`)."""
     result = render_report(runs_root, run_id, failures or [])
     get_run_logger().info("report %s: night %s, %d summary row(s), %d figure(s)", result.report_path,
                           result.latest_night, len(result.summary), len(result.figures))
-    return result.to_dict()
+    return result.model_dump(mode="json")
 
 
 @task(name="report-publish", task_run_name="report-publish-{label}", cache_policy=NO_CACHE, **RETRY)

@@ -26,17 +26,17 @@ def plan_rotation_task(student_index: str, teacher_index: str, layers: list[str]
                        run_id: str | None = None) -> dict[str, Any]:
     """Pair the tokens and check every input (writes nothing). Returns the plan as a dict."""
     plan = plan_rotation(student_index, teacher_index, layers, output_dir, ledger=ledger, spec_out=spec_out,
-                         options=RotateOptions.from_dict(options), run_id=run_id)
+                         options=RotateOptions.model_validate(options or {}), run_id=run_id)
     get_run_logger().info("rotate %s: %d layer(s), %d paired tokens from %d sample(s) (%d/%d unpaired), d %d→%d",
                           plan.run_id, len(plan.layers), plan.n_tokens, len(plan.pairs), plan.unpaired_student,
                           plan.unpaired_teacher, plan.d_student, plan.d_teacher)
-    return plan.to_dict()
+    return plan.model_dump(mode="json")
 
 
 @task(name="rotate-layer", task_run_name="rotate-{label}", cache_policy=NO_CACHE, **RETRY)
 def solve_layer_task(plan: dict[str, Any], layer: str, label: str = "layer") -> dict[str, Any]:
     """Stream one layer's paired rows once; write its moments, rotation (and permutations)."""
-    result = solve_layer(RotationPlan.from_dict(plan), layer)
+    result = solve_layer(RotationPlan.model_validate(plan), layer)
     get_run_logger().info("%s: %d tokens, cos before %s, after %s, relative residual %s (%.1f s)", layer,
                           result["n_tokens"], fmt_value(result["cosine_before"]), fmt_value(result["cosine_after"]),
                           fmt_value(result["fit_residual"], ".3g"), result["seconds"])
@@ -46,7 +46,7 @@ def solve_layer_task(plan: dict[str, Any], layer: str, label: str = "layer") -> 
 @task(name="rotate-pool", task_run_name="rotate-pool", cache_policy=NO_CACHE, **RETRY)
 def pool_rotation_task(plan: dict[str, Any], layer_results: list[dict[str, Any]]) -> dict[str, Any]:
     """The one foldable rotation Q = polar(Σ w_l C_l) from the saved moments."""
-    pooled = pool_rotation(RotationPlan.from_dict(plan), layer_results)
+    pooled = pool_rotation(RotationPlan.model_validate(plan), layer_results)
     get_run_logger().info("pooled rotation → %s (det %+.0f)", pooled["rotation_path"], pooled["det"])
     return pooled
 
@@ -54,14 +54,14 @@ def pool_rotation_task(plan: dict[str, Any], layer_results: list[dict[str, Any]]
 @task(name="rotate-pca-cosine", task_run_name="rotate-cos-{label}", cache_policy=NO_CACHE, **RETRY)
 def pca_cosine_task(plan: dict[str, Any], layer: str, label: str = "layer") -> dict[str, Any]:
     """PCA only: the per-token cosines of the k-space maps (a second pass over the layer)."""
-    return pca_cosines(RotationPlan.from_dict(plan), layer)
+    return pca_cosines(RotationPlan.model_validate(plan), layer)
 
 
 @task(name="rotate-record", task_run_name="rotate-record", cache_policy=NO_CACHE, **RETRY)
 def record_rotation_task(plan: dict[str, Any], layer_results: list[dict[str, Any]], pooled: dict[str, Any],
                          cosines: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Append the ledger rows, write --spec-out, post the table as a markdown artifact."""
-    summary = record_rotation(RotationPlan.from_dict(plan), layer_results, pooled, cosines or [])
+    summary = record_rotation(RotationPlan.model_validate(plan), layer_results, pooled, cosines or [])
     create_markdown_artifact(markdown=f"# Rotations {summary['run_id']}\n\n```\n{summary['table']}\n```\n",
                              description=f"rotate {summary['run_id']}")
     return summary

@@ -17,9 +17,9 @@ from tasks.common import RETRY
 
 @task(name="scaffold-run", task_run_name="scaffold-{label}", cache_policy=NO_CACHE, **RETRY)
 def scaffold_run_task(spec: dict[str, Any], label: str = "run") -> dict[str, Any]:
-    """`spec` is `ScaffoldSpec.to_dict()`. Returns the manifest + {"run_dir", "created"}; raises
+    """`spec` is a `ScaffoldSpec.model_dump(mode="json")`. Returns the manifest + {"run_dir", "created"}; raises
     BadInputError (never retried) when the same run id exists with different inputs."""
-    manifest = scaffold_run(ScaffoldSpec.from_dict(spec))
+    manifest = scaffold_run(ScaffoldSpec.model_validate(spec))
     log = get_run_logger()
     verb = "created" if manifest["created"] else "unchanged (same inputs)"
     log.info("run %s %s: snapshot %s, %d blurbs in %d sample file(s), %d prompt file(s)", manifest["run_dir"], verb,

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from flows.fold import fold_flow
 
     out = fold_flow(checkpoint=args.checkpoint, output_dir=args.output_dir, spec=args.spec,
-                    options=options.to_dict(), gate_options=gate.to_dict(), revision=args.revision,
+                    options=options, gate_options=gate, revision=args.revision,
                     hf_home=args.hf_home, hf_hub_cache=args.hf_hub_cache, **common)
     print(out["gate"]["markdown"])
     print(f"folded checkpoint: {out['fold']['output_dir']} ({out['gate']['status']})")

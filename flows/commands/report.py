@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from lib.qa.report import render_report
 
-        result = render_report(args.runs_root, args.run_id).to_dict()
+        result = render_report(args.runs_root, args.run_id).model_dump(mode="json")
     print(f"report: {result['report_path']} (latest night {result['latest_night'] or '—'}, "
           f"{len(result['summary'])} variant(s), {len(result['figures'])} figure(s))")
     for row in result["summary"]:

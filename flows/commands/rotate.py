@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     flow = rotate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
     summary = flow(student_index=args.student_index, teacher_index=args.teacher_index, layers=args.layer,
                           output_dir=args.output_dir, ledger=args.ledger, spec_out=args.spec_out,
-                          options=options.to_dict(), run_id=run_id)
+                          options=options, run_id=run_id)
     print(summary["table"])
     if summary["ledger"]:
         print(f"ledger: {len(summary['layers'])} row(s) appended to {args.ledger} (run {summary['run_id']})")

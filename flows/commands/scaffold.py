@@ -52,10 +52,7 @@ def run(args: argparse.Namespace) -> int:
         build_snapshot(spec.samples_dir, spec.prompts_dir, spec.prompts)
         from flows.scaffold import scaffold_flow
 
-        d = spec.to_dict()
-        manifest = scaffold_flow(**{k: d[k] for k in ("run_id", "runs_root", "samples_dir", "prompts_dir", "prompts",
-                                                      "tokenizer_name", "tokenizer_version", "teacher_commit",
-                                                      "student_commit")})
+        manifest = scaffold_flow(**spec.model_dump(mode="json"))
     else:
         from lib.store.runs import scaffold_run
 

@@ -109,7 +109,6 @@ def capture_numerics(spec: CaptureSpec) -> dict[str, Any]:
 
 def plan_capture(spec: CaptureSpec, samples: list[Sample]) -> CapturePlan:
     """Tokenize, truncate, lay out token spans and capture keys. Loads no weights."""
-    spec.check()
     if not samples:
         raise BadInputError("no texts to capture: pass --text, --text-file or leave both out for samples/*.txt")
     model = resolve_model(spec.model, spec.revision, spec.hf_home, spec.hf_hub_cache)

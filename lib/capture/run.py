@@ -10,7 +10,6 @@ tensor inside the hook, drops pad positions and commits one shard per sample. Ru
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from typing import Any
 
 from lib.capture.plan import CapturePlan, PlanItem, batches_by_length, pending_items, plan_capture, valid_keys
@@ -74,7 +73,7 @@ def capture_items(spec: CaptureSpec, plan: CapturePlan, items: list[PlanItem], o
         per_sample = forward_batch(lm, plan.hook_points, [it.token_ids for it in items], spec.logits, spec.dtype)
     built = [build_record(spec, plan, it, t) for it, t in zip(items, per_sample, strict=True)]
     commit_shards(out, built)
-    return [asdict(r) for r, _ in built]
+    return [r.model_dump() for r, _ in built]
 
 
 def run_capture(spec: CaptureSpec, samples: list[Sample], out_dir: str | os.PathLike) -> dict[str, Any]:

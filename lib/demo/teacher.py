@@ -12,29 +12,34 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import Field
+
 from lib.core.digests import sha256_file, sha256_json
+from lib.core.options import Options
 from lib.store.atomic import locked
 from lib.store.corpus import SAMPLES_DIR, read_lines, sample_files
 
 
-@dataclass(frozen=True)
-class DemoRecipe:
-    hidden_size: int = 192
-    num_layers: int = 4
-    num_heads: int = 6
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    intermediate_size: int = 512
-    vocab_size: int = 1024
-    steps: int = 120
-    batch_size: int = 16
-    max_length: int = 96
-    lr: float = 3e-3
-    seed: int = 0
-    tie_word_embeddings: bool = False
+class DemoRecipe(Options):
+    """The demo teacher's architecture and training run (its digest names the cache folder)."""
+
+    label = "demo recipe"
+
+    hidden_size: int = Field(192, ge=1, description="residual width")
+    num_layers: int = Field(4, ge=1, description="decoder blocks")
+    num_heads: int = Field(6, ge=1, description="query heads")
+    num_kv_heads: int = Field(2, ge=1, description="key/value heads (GQA groups)")
+    head_dim: int = Field(32, ge=1, description="width of one head")
+    intermediate_size: int = Field(512, ge=1, description="MLP width")
+    vocab_size: int = Field(1024, ge=1, description="tokenizer vocabulary (trained on the corpus)")
+    steps: int = Field(120, ge=1, description="AdamW steps")
+    batch_size: int = Field(16, ge=1, description="texts per step")
+    max_length: int = Field(96, ge=2, description="tokens per training text")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (one-cycle schedule)")
+    seed: int = Field(0, description="weights and batch sampling seed")
+    tie_word_embeddings: bool = Field(False, description="tie lm_head to the embeddings")
 
 
 def cache_root() -> Path:
@@ -43,7 +48,7 @@ def cache_root() -> Path:
 
 def recipe_digest(recipe: DemoRecipe, samples_dir: str | os.PathLike = SAMPLES_DIR) -> str:
     corpus = [[f.name, sha256_file(f)] for f in sample_files(samples_dir)]
-    return sha256_json({"recipe": asdict(recipe), "corpus": corpus, "v": 1})[:16]
+    return sha256_json({"recipe": recipe.model_dump(), "corpus": corpus, "v": 1})[:16]
 
 
 def ensure_demo_teacher(recipe: DemoRecipe = DemoRecipe(), samples_dir: str | os.PathLike = SAMPLES_DIR,

@@ -28,12 +28,12 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lib.core.dtypes import st_code
 from lib.core.errors import BadInputError
+from lib.core.options import Frozen
 from lib.fold.apply import _math_device, _out_dtype, apply_tensor_ops
 from lib.fold.checkpoint_io import CheckpointReader, ShardedWriter, TensorEntry, copy_side_files
 from lib.fold.options import FoldOptions
@@ -69,7 +69,7 @@ def fold_state_dict(state_dict: Mapping[str, Any], config: Any, transforms: Weig
     cfg = config if isinstance(config, dict) else config.to_dict()
     adapter = adapter_for_config(cfg)
     adapter.check_supported()
-    layout = plan_layout(transforms, adapter, options)
+    layout = plan_layout(transforms, adapter)
     names = list(state_dict)
     check_checkpoint_shapes({n: tuple(t.shape) for n, t in state_dict.items()}, adapter)
     roles = _roles(names, adapter, transforms)
@@ -80,16 +80,15 @@ def fold_state_dict(state_dict: Mapping[str, Any], config: Any, transforms: Weig
         if role is None:
             out[name] = state_dict[name]
             continue
-        ops = plan_tensor_ops(role, transforms, adapter, layout, gains, options)
+        ops = plan_tensor_ops(role, transforms, adapter, layout, gains)
         src = state_dict[ops.source]
         out[name] = apply_tensor_ops(src, ops, _out_dtype(src.dtype, options), options.chunk_bytes,
                                      _math_device(options))
     return out, output_config(cfg, layout, options)
 
 
-@dataclass(frozen=True)
-class FoldResult:
-    """What `fold_checkpoint` wrote (JSON-able via `to_dict`)."""
+class FoldResult(Frozen):
+    """What `fold_checkpoint` wrote (JSON-able: `model_dump(mode="json")`)."""
 
     source_dir: str
     output_dir: str
@@ -103,11 +102,8 @@ class FoldResult:
     shards: list[str]
     side_files: list[str]
     seconds: float
-    transforms: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    transforms: dict[str, Any] = {}
+    options: dict[str, Any] = {}
 
 
 def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike, transforms: WeightTransformSet,
@@ -131,7 +127,7 @@ def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike
         from lib.core.dtypes import torch_dtype
 
         torch_dtype(options.dtype)  # raises a clear error for a bad --dtype
-    layout = plan_layout(transforms, adapter, options)
+    layout = plan_layout(transforms, adapter)
     names = reader.names
     roles = _roles(names, adapter, transforms)
     gains = norm_gains(reader.read, names, roles) if layout.fold_gains else {}
@@ -139,7 +135,7 @@ def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike
     plans: list[tuple[TensorEntry, TensorOps | None]] = []
     for name in _output_names(names, adapter, layout):
         role = roles.get(name) or adapter.classify(name)
-        ops = plan_tensor_ops(role, transforms, adapter, layout, gains, options) if role is not None else None
+        ops = plan_tensor_ops(role, transforms, adapter, layout, gains) if role is not None else None
         src_entry = reader.entries[ops.source if ops is not None else name]
         dtype = src_entry.dtype
         if options.dtype is not None and dtype in ("F64", "F32", "F16", "BF16"):
@@ -183,8 +179,8 @@ def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike
             untied=layout.untie, gains_folded=layout.fold_gains, gains_permuted=layout.permute_gains,
             n_tensors=len(plans), n_transformed=n_transformed, bytes_written=sum(e.nbytes for e, _ in plans),
             shards=list(writer.files), side_files=side, seconds=round(time.perf_counter() - t0, 3),
-            transforms=transforms.summary(), options=options.to_dict())
-        write_json(tmp / REPORT_NAME, {"status": "unverified", "fold": result.to_dict(), **(report_extra or {})})
+            transforms=transforms.summary(), options=options.model_dump(mode="json"))
+        write_json(tmp / REPORT_NAME, {"status": "unverified", "fold": result.model_dump(mode="json"), **(report_extra or {})})
     return result
 
 
@@ -246,7 +242,7 @@ def prepare_fold(checkpoint: str, spec_path: str | os.PathLike, output_dir: str 
     _math_device(options)
     ts = WeightTransformSet.from_spec(spec_path, cfg, allow_inexact=allow_inexact,
                                       allow_outside_paths=allow_outside_paths)
-    layout = plan_layout(ts, adapter, options)
+    layout = plan_layout(ts, adapter)
     return {"checkpoint": checkpoint, "source_dir": str(reader.folder), "revision": ref.revision,
             "output_dir": str(out), "spec": str(Path(spec_path).resolve()), "spec_digest": ts.spec_digest,
             "exact": ts.exact, "inexact_reasons": list(ts.inexact_reasons), "transforms": ts.summary(),

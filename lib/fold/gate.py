@@ -24,13 +24,15 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from lib.core.errors import BadInputError, ModelLoadError
+from lib.core.options import Frozen, Options, PathStr, Seq
 from lib.fold.checkpoint_io import CheckpointReader
 from lib.fold.transform_set import WeightTransformSet
 from lib.qa.token_metrics import compute_token_cosine, compute_token_kl
@@ -48,8 +50,7 @@ BUILTIN_PROBE_TEXTS = (
 )
 
 
-@dataclass(frozen=True)
-class GateThresholds:
+class GateThresholds(Frozen):
     """Pass limits. A correct fp32 fold of a tiny model sits near 1e-6 / 1e-13; every known fold
     bug gives KL ≥ 1e-3. Half-precision outputs carry one rounding per weight, so they get
     smoke-test limits only (DESIGN §4: bf16 is a smoke test)."""
@@ -68,43 +69,30 @@ class GateThresholds:
         return cls(max_abs_logit_diff=float("inf"), max_mean_kl=1e-2, min_top1=0.9, min_hidden_cosine=0.99)
 
 
-@dataclass(frozen=True)
-class GateOptions:
-    """Probe batch and limits. None limits take `GateThresholds.for_dtype(checkpoint dtype)`."""
+class GateOptions(Options):
+    """Probe batch and limits (`tourguide fold` gate flags; the fold flow's `gate_options`).
+    Unset limits take `GateThresholds.for_dtype(checkpoint dtype)`."""
 
-    n_texts: int = 8
-    max_length: int = 64
-    text_files: tuple[str, ...] = ()
-    device: str = "auto"
-    seed: int = 0
-    max_abs_logit_diff: float | None = None
-    max_mean_kl: float | None = None
-    min_top1: float | None = None
-    min_hidden_cosine: float | None = None
+    label = "gate options"
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["text_files"] = list(self.text_files)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GateOptions:
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "text_files" in kw:
-            kw["text_files"] = tuple(kw["text_files"] or ())
-        return cls(**kw)
+    n_texts: int = Field(8, ge=1, description="probe texts, spread over the corpus")
+    max_length: int = Field(64, ge=1, description="tokens per probe text")
+    text_files: Seq[PathStr] = Field((), description="take probe texts from these UTF-8 files (one per line)")
+    device: str = Field("auto", description="device for the gate's forward passes (auto: cuda when available)")
+    seed: int = Field(0, description="seed of the random token ids probing a checkpoint without a tokenizer")
+    max_abs_logit_diff: float | None = Field(None, description="max|Δlogit| limit (default: by output dtype)")
+    max_mean_kl: float | None = Field(None, description="mean-KL limit (default: by output dtype)")
+    min_top1: float | None = Field(None, description="top-1 agreement limit (default: by output dtype)")
+    min_hidden_cosine: float | None = Field(None, description="hidden-state cosine limit (default: by output dtype)")
 
     def thresholds(self, dtype: str) -> GateThresholds:
         base = GateThresholds.for_dtype(dtype)
-        over = {k: getattr(self, k) for k in ("max_abs_logit_diff", "max_mean_kl", "min_top1", "min_hidden_cosine")
-                if getattr(self, k) is not None}
-        return replace(base, **over)
+        over = {k: getattr(self, k) for k in GateThresholds.model_fields if getattr(self, k) is not None}
+        return base.model_copy(update=over)
 
 
-@dataclass(frozen=True)
-class GateResult:
-    """Gate figures (JSON-able via `to_dict`). status: passed | failed | inexact."""
+class GateResult(Frozen):
+    """Gate figures (JSON-able: `model_dump(mode="json")`). status: passed | failed | inexact."""
 
     status: str
     exact: bool
@@ -120,11 +108,8 @@ class GateResult:
     probe_source: str
     checkpoint_dtype: str
     thresholds: dict[str, float]
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = []
     seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, eq=False)
@@ -305,7 +290,7 @@ def check_equivalence(source_dir: str | os.PathLike, folded_dir: str | os.PathLi
     is_exact = (transforms.exact if transforms is not None else True) if exact is None else exact
     status = "inexact" if not is_exact else ("passed" if not failures else "failed")
     return GateResult(status=status, exact=is_exact, passed=status == "passed", n_texts=batch.n_texts,
-                      probe_source=batch.source, checkpoint_dtype=dtype, thresholds=asdict(th), failures=failures,
+                      probe_source=batch.source, checkpoint_dtype=dtype, thresholds=th.model_dump(), failures=failures,
                       seconds=round(time.perf_counter() - t0, 3), **figures)
 
 

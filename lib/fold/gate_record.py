@@ -59,7 +59,8 @@ def gate_fold(source_dir: str | os.PathLike, output_dir: str | os.PathLike,
         raise BadInputError(f"{out}: no folded checkpoint here (no config.json); run the fold first")
     result = check_equivalence(source_dir, out, transforms, options)
     report = read_report(out)
-    report.update({"status": result.status, "gate": result.to_dict(), "gate_options": options.to_dict(),
+    report.update({"status": result.status, "gate": result.model_dump(mode="json"),
+                   "gate_options": options.model_dump(mode="json"),
                    "source": source_ref or str(Path(source_dir).resolve())})
     write_json(out / REPORT_NAME, report)
     marker = out / FAILED_MARKER

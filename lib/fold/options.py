@@ -1,34 +1,29 @@
-"""`FoldOptions`: how a fold is written (dtype, shard size, overwrite, math device)."""
+"""`FoldOptions`: how a fold is written (dtype, shard size, overwrite, math device).
+
+Known fold bugs (no gain fold, a kept tie, unpermuted q/k/v biases) are not options: the
+negative-control tests inject them with monkeypatch (tests/fold_bugs.py), so no deployment
+parameter can switch them on.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from pydantic import Field
 
+from lib.core.dtypes import DTYPES
+from lib.core.options import Options, one_of
 from lib.fold.checkpoint_io import DEFAULT_SHARD_BYTES
 
 CHUNK_BYTES = 16 << 20  # float64 rows per chunk: bounds peak memory on huge tensors, still a fast GEMM
 
 
-@dataclass(frozen=True)
-class FoldOptions:
-    """How to write the fold. The last three switches exist for negative controls in tests
-    (each reproduces a known fold bug the equivalence gate must catch); the CLI never sets them."""
+class FoldOptions(Options):
+    """How to write the fold (`tourguide fold` flags; the fold flow's `options` parameter)."""
 
-    dtype: str | None = None  # None: every tensor keeps its stored dtype
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES
-    overwrite: bool = False
-    chunk_bytes: int = CHUNK_BYTES
-    device: str = "cpu"  # where the float64 chunk math runs: cpu | cuda | auto (cuda when present)
-    fold_gains: bool = True
-    untie: bool = True
-    permute_qkv_bias: bool = True
+    label = "fold options"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FoldOptions:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    dtype: one_of(DTYPES) | None = Field(None, description="cast floating tensors of the output to this dtype "
+                                                          "(default: every tensor keeps its stored dtype)")
+    max_shard_bytes: int = Field(DEFAULT_SHARD_BYTES, ge=1, description="largest output shard, in bytes")
+    overwrite: bool = Field(False, description="replace a non-empty output folder")
+    chunk_bytes: int = Field(CHUNK_BYTES, ge=1, description="float64 bytes per chunk of the fold math (peak memory)")
+    device: str = Field("cpu", description="where the float64 fold math runs: cpu | cuda | auto (cuda when present)")

@@ -32,7 +32,7 @@ class FoldLayout:
         return self.source_tied and not self.untie
 
 
-def plan_layout(transforms: WeightTransformSet, adapter: ModelAdapter, options: FoldOptions = FoldOptions()) -> FoldLayout:
+def plan_layout(transforms: WeightTransformSet, adapter: ModelAdapter) -> FoldLayout:
     """Untie / fold / permute the gains? Only a residual rotation touches gains and the tie; a
     signed-permutation Q on a tied model keeps the tie by permuting the gains (exact)."""
     tied = adapter.tied_embeddings
@@ -42,7 +42,7 @@ def plan_layout(transforms: WeightTransformSet, adapter: ModelAdapter, options: 
               and is_signed_permutation(transforms.residual_rotation))
     if signed:
         return FoldLayout(tied, untie=False, fold_gains=False, permute_gains=True)
-    return FoldLayout(tied, untie=tied and options.untie, fold_gains=options.fold_gains, permute_gains=False)
+    return FoldLayout(tied, untie=tied, fold_gains=True, permute_gains=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +77,7 @@ def _expand_heads(perm: np.ndarray, hd: int) -> np.ndarray:
 
 
 def plan_tensor_ops(role: TensorRole, transforms: WeightTransformSet, adapter: ModelAdapter, layout: FoldLayout,
-                    gains: Mapping[str, np.ndarray], options: FoldOptions = FoldOptions()) -> TensorOps:
+                    gains: Mapping[str, np.ndarray]) -> TensorOps:
     """The TensorOps of one checkpoint tensor. `gains` maps norm tensor names to their γ [d]
     (float64; needed only when gains are folded)."""
     kind, part, i = role.kind, role.part, role.layer
@@ -92,7 +92,7 @@ def plan_tensor_ops(role: TensorRole, transforms: WeightTransformSet, adapter: M
             return TensorOps(name, name, fill_ones=True)
         if layout.permute_gains:
             return TensorOps(name, name, orient="vec_residual", rotation=np.abs(q))
-        return TensorOps(name, name)  # negative control: rotation without the gain fold
+        return TensorOps(name, name)  # unreachable from plan_layout (a test may inject this known bug)
     if kind == "embed" or (kind == "lm_head" and layout.output_tied):
         # Tied output keeps lm_head == embed: both get E·Q and nothing else.
         q = transforms.embed_rotation() if kind == "embed" else transforms.head_rotation()
@@ -113,8 +113,6 @@ def plan_tensor_ops(role: TensorRole, transforms: WeightTransformSet, adapter: M
         gather = _expand_heads(hp.kv_perm, hd)
     elif kind in ("gate", "up", "down") and i in transforms.neuron_permutations:
         gather = transforms.neuron_permutations[i]
-    if part == "bias" and kind in ("q", "k", "v") and not options.permute_qkv_bias:
-        gather = None  # negative control: a head permutation that forgets the biases
     # Per-head rotations, as left multiplies of each head's rows (Wᵀ rows for o_proj).
     vo, qk = transforms.vo_rotations.get(i), transforms.qk_rotations.get(i)
     if kind == "v" and vo is not None:

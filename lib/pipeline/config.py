@@ -9,31 +9,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
-METRICS = ["logit_kl", "hidden_state_cosine", "residual_rms", "surprisal"]
+from lib.core.options import Options, PathStr, Seq
+from lib.qa.eval_config import Dtype, Metric, RunId, check_metric_list
+from lib.qa.metric_names import METRICS
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(Options):
     """One pipeline run: student vs teacher → transports → fold → gate → QA → report."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    label = "pipeline config"
 
-    run_id: str = Field("demo", description="run folder name under runs_root")
-    runs_root: str = Field("runs", description="where run folders live")
-    teacher: str = Field(..., description="teacher checkpoint: local folder or cached hub id")
-    student: str = Field(..., description="student checkpoint: local folder or cached hub id")
-    metrics: list[str] = Field(default_factory=lambda: list(METRICS), description="QA metrics to compute")
-    dtype: str = Field("float32", description="capture dtype")
+    run_id: RunId = Field("demo", description="run folder name under runs_root")
+    runs_root: PathStr = Field("runs", description="where run folders live")
+    teacher: PathStr = Field(..., description="teacher checkpoint: local folder or cached hub id")
+    student: PathStr = Field(..., description="student checkpoint: local folder or cached hub id")
+    metrics: Seq[Metric] = Field(METRICS, description="QA metrics to compute")
+    dtype: Dtype = Field("float32", description="capture dtype")
     device: str = Field("auto", description="cpu, cuda, … (auto: cuda when available)")
-    max_length: int | None = Field(64, description="tokens per sample (truncation recorded)")
-    batch_size: int = Field(8, description="samples per forward pass")
-    limit: int | None = Field(None, description="use only the first N blurbs of the corpus (smoke runs)")
-    layers: list[str] = Field(default_factory=list, description="decoder blocks to align (default: all)")
+    max_length: int | None = Field(64, ge=1, description="tokens per sample (truncation recorded)")
+    batch_size: int = Field(8, ge=1, description="samples per forward pass")
+    limit: int | None = Field(None, ge=1, description="use only the first N blurbs of the corpus (smoke runs)")
+    layers: Seq[str] = Field((), description="decoder blocks to align (default: all)")
     solve_permutations: bool = Field(True, description="also solve GQA head and MLP neuron permutations")
     exclude_position0: bool = Field(False, description="leave position-0 (attention-sink) tokens out of the statistics")
-    pca_dim: int | None = Field(None, description="PCA dimension when hidden sizes differ")
+    pca_dim: int | None = Field(None, ge=1, description="PCA dimension when hidden sizes differ")
     use_deployments: bool = Field(False, description="run capture and fold as `gpu` deployments (run_deployment)")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_list(cls, metrics: tuple[str, ...]) -> tuple[str, ...]:
+        return check_metric_list(metrics)
 
     def run_dir(self) -> Path:
         return Path(self.runs_root) / self.run_id

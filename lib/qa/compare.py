@@ -27,11 +27,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lib.core.errors import BadInputError
+from lib.core.options import Frozen, Model
 from lib.qa.metric_names import LOGIT_METRICS, METRICS, is_residual_layer, layer_sort_key
 from lib.qa.token_metrics import compute_token_cosine, compute_token_kl, compute_token_surprisal
 from lib.qa.transports import chain_widths, load_transport
@@ -39,8 +38,7 @@ from lib.store.shards import ACT_PREFIX, ShardRecord, load_shard, read_index, re
 from lib.store.validation import require_valid
 
 
-@dataclass(frozen=True)
-class MetricValue:
+class MetricValue(Frozen):
     """One number for the ledger: mean over `n_tokens` tokens; `layer` / `sample` or None."""
 
     metric: str
@@ -50,8 +48,7 @@ class MetricValue:
     sample: str | None = None
 
 
-@dataclass
-class Comparison:
+class Comparison(Model):
     """What `compare_captures` found: the values and how the samples paired."""
 
     values: list[MetricValue]
@@ -60,10 +57,7 @@ class Comparison:
     n_unpaired_variant: int
     layers: list[str]
     n_tokens: int
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "values": [asdict(v) for v in self.values]}
+    notes: list[str] = []
 
 
 def _records(index: str | os.PathLike, verify: bool) -> tuple[Path, list[ShardRecord]]:
@@ -184,13 +178,13 @@ def compare_captures(teacher_index: str | os.PathLike, variant_index: str | os.P
             kl = compute_token_kl(tt["logits"][:n], vv["logits"][:n])
             s = float(kl.sum())
             acc.kl += s
-            per_sample.append(MetricValue("logit_kl", s / n, n, sample=t_rec.sample_id))
+            per_sample.append(MetricValue(metric="logit_kl", value=s / n, n_tokens=n, sample=t_rec.sample_id))
         if "surprisal" in metrics:
             sp = compute_token_surprisal(vv["logits"][:n], ids)
             acc.nll += float(sp.sum())
             acc.n_targets += sp.numel()
             if sp.numel():
-                per_sample.append(MetricValue("surprisal", float(sp.mean()), sp.numel(), sample=t_rec.sample_id))
+                per_sample.append(MetricValue(metric="surprisal", value=float(sp.mean()), n_tokens=sp.numel(), sample=t_rec.sample_id))
         for layer in use_layers:
             y = tt[ACT_PREFIX + layer][:n].to(torch.float64)
             x = vv[ACT_PREFIX + layer][:n].to(torch.float64)
@@ -208,7 +202,8 @@ def compare_captures(teacher_index: str | os.PathLike, variant_index: str | os.P
     n_v = len({r.text_sha256 for r in v_rows}) - len(pairs)
     notes = [f"{n_t} teacher sample(s) without a variant capture"] if n_t else []
     notes += [f"{n_v} variant sample(s) without a teacher capture"] if n_v else []
-    return Comparison(values, len(pairs), n_t, n_v, use_layers, acc.n_tokens, notes)
+    return Comparison(values=values, n_pairs=len(pairs), n_unpaired_teacher=n_t, n_unpaired_variant=n_v, layers=use_layers,
+                      n_tokens=acc.n_tokens, notes=notes)
 
 
 class _Sums:
@@ -227,19 +222,21 @@ class _Sums:
         n = self.n_tokens
         out: list[MetricValue] = []
         if "logit_kl" in metrics and not teacher_only:
-            out.append(MetricValue("logit_kl", self.kl / n, n))
+            out.append(MetricValue(metric="logit_kl", value=self.kl / n, n_tokens=n))
         if "surprisal" in metrics and self.n_targets:
             mean = self.nll / self.n_targets
-            out += [MetricValue("surprisal", mean, self.n_targets), MetricValue("perplexity", math.exp(mean), self.n_targets)]
+            out += [MetricValue(metric="surprisal", value=mean, n_tokens=self.n_targets),
+                    MetricValue(metric="perplexity", value=math.exp(mean), n_tokens=self.n_targets)]
         for layer in self.layers:
             if "hidden_state_cosine" in metrics and not teacher_only:
-                out.append(MetricValue("hidden_state_cosine", self.cos[layer] / n, n, layer))
+                out.append(MetricValue(metric="hidden_state_cosine", value=self.cos[layer] / n, n_tokens=n, layer=layer))
             if "residual_rms" in metrics:
                 rv = math.sqrt(self.sq_v[layer] / self.el_v[layer])
-                out.append(MetricValue("residual_rms", rv, n, layer))
+                out.append(MetricValue(metric="residual_rms", value=rv, n_tokens=n, layer=layer))
                 if not teacher_only:
                     rt = math.sqrt(self.sq_t[layer] / self.el_t[layer])
-                    out.append(MetricValue("residual_rms_ratio", rv / rt if rt > 0 else float("nan"), n, layer))
+                    out.append(MetricValue(metric="residual_rms_ratio", value=rv / rt if rt > 0 else float("nan"), n_tokens=n,
+                                               layer=layer))
         return out
 
 
@@ -271,9 +268,10 @@ def measure_capture(index: str | os.PathLike, metrics: Sequence[str] = METRICS,
             acc.nll += float(sp.sum())
             acc.n_targets += sp.numel()
             if sp.numel():
-                per_sample.append(MetricValue("surprisal", float(sp.mean()), sp.numel(), sample=rec.sample_id))
+                per_sample.append(MetricValue(metric="surprisal", value=float(sp.mean()), n_tokens=sp.numel(), sample=rec.sample_id))
         for layer in use_layers:
             x = tt[ACT_PREFIX + layer].to(torch.float64)
             acc.sq_v[layer] += float((x * x).sum())
             acc.el_v[layer] += x.numel()
-    return Comparison(acc.values(metrics, teacher_only=True) + per_sample, len(seen), 0, 0, use_layers, acc.n_tokens)
+    return Comparison(values=acc.values(metrics, teacher_only=True) + per_sample, n_pairs=len(seen), n_unpaired_teacher=0,
+                      n_unpaired_variant=0, layers=use_layers, n_tokens=acc.n_tokens)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from lib.core.errors import BadInputError
+from lib.core.options import Frozen
 from lib.qa.compare import MetricValue, compare_captures, measure_capture
+from lib.qa.eval_config import EvalConfig
 from lib.qa.metric_names import LOGIT_METRICS, METRICS, METRICS_VERSION, is_residual_layer
 
 
@@ -24,9 +25,9 @@ def code_version(git_commit: str) -> str:
     return f"{git_commit[:12]}+metrics{METRICS_VERSION}"
 
 
-@dataclass(frozen=True)
-class RecordContext:
-    """Where and under which labels QA rows go (one per QA night)."""
+class RecordContext(Frozen):
+    """Where and under which labels QA rows go (one per QA night); tasks pass it as
+    `model_dump(mode="json")`."""
 
     run_dir: str
     run_id: str
@@ -34,13 +35,6 @@ class RecordContext:
     timestamp: str
     snapshot_digest: str
     code_version: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RecordContext:
-        return cls(**d)
 
 
 def record_metrics(ctx: RecordContext, variant: str, teacher_index: str, variant_index: str | None = None,
@@ -67,26 +61,25 @@ def record_metrics(ctx: RecordContext, variant: str, teacher_index: str, variant
             "layers": result.layers, "notes": result.notes, "ledger_file": str(written), "headline": headline}
 
 
-def prepare_qa(config: Mapping[str, Any], night: str | None = None) -> dict[str, Any]:
+def prepare_qa(config: Any, night: str | None = None) -> dict[str, Any]:
     """Check that the config's run is scaffolded and its corpus unchanged; fix the night's labels.
 
-    `config` is `EvalConfig.to_dict()`. Returns `RecordContext.to_dict()` plus "sample_files"
+    `config` is an `EvalConfig` (or its `model_dump`). Returns the `RecordContext` dump plus "sample_files"
     (the snapshot's sample files, to capture), "metric_layers" (the residual hook points among
     the config's `layers`, None = every decoder block) and "logits" (whether a metric needs them)."""
     from datetime import datetime, timezone
 
-    from lib.qa.eval_config import config_from_dict
     from lib.store.runs import project_commit, verify_snapshot
 
-    cfg = config_from_dict(config)
+    cfg = EvalConfig.parse(config)
     if night is not None and (not isinstance(night, str) or not night.strip() or len(night) > 64):
         raise BadInputError(f"night label {night!r}: give a short non-empty label such as 2026-11-27")
     info = verify_snapshot(cfg.runs_root, cfg.run_id)
     # microseconds: two QA runs in one second must still order (the report keeps the latest per night)
     stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-    ctx = RecordContext(info.run_dir, cfg.run_id, night or stamp[:10], stamp, info.snapshot_digest,
-                        code_version(project_commit()))
+    ctx = RecordContext(run_dir=info.run_dir, run_id=cfg.run_id, night=night or stamp[:10], timestamp=stamp,
+                        snapshot_digest=info.snapshot_digest, code_version=code_version(project_commit()))
     # Residual metrics only make sense at decoder-block outputs, whatever else is captured.
     metric_layers = [x for x in cfg.layers if is_residual_layer(x)]  # eval_config checked there is one
-    return {**ctx.to_dict(), "sample_files": list(info.sample_files), "metric_layers": metric_layers or None,
+    return {**ctx.model_dump(mode="json"), "sample_files": list(info.sample_files), "metric_layers": metric_layers or None,
             "logits": any(m in LOGIT_METRICS for m in cfg.metrics)}

@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import model_serializer
+
+from lib.core.options import Model
 from lib.qa.metric_names import SUMMARY_METRICS, LAYER_METRICS, layer_sort_key
 from lib.qa.plots import plot_cosines, plot_rms, plot_trends
 from lib.store.atomic import write_text_atomic
@@ -44,24 +46,29 @@ SUMMARY_LABELS = {"hidden_state_cosine": "hidden_state_cosine (layer mean)",
 FIGURES = {"trends": "metric_trends.png", "cosine": "cosine_per_layer.png", "rms": "residual_rms.png"}
 
 
-@dataclass
-class ReportResult:
+class ReportResult(Model):
+    """What the report shows (posted as artifacts). `model_dump(mode="json")` turns NaN/inf into
+    None and numpy scalars into Python numbers: JSON and Prefect table artifacts reject them."""
+
     report_path: str
     run_id: str
     latest_night: str | None
     previous_night: str | None
-    figures: dict[str, str] = field(default_factory=dict)  # kind -> path (only those drawn)
-    summary: list[dict[str, Any]] = field(default_factory=list)  # one row per variant: {variant, <metric>: value}
-    per_layer: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # metric -> rows {layer, <variant>: value}
-    changes: list[dict[str, Any]] = field(default_factory=list)
+    figures: dict[str, str] = {}  # kind -> path (only those drawn)
+    summary: list[dict[str, Any]] = []  # one row per variant: {variant, <metric>: value}
+    per_layer: dict[str, list[dict[str, Any]]] = {}  # metric -> rows {layer, <variant>: value}
+    changes: list[dict[str, Any]] = []
     n_rows: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+    @model_serializer(mode="plain")
+    def _dump(self, info: Any) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in type(self).model_fields}
+        return _jsonable(data) if info.mode_is_json() else data
 
 
 def _jsonable(obj: Any) -> Any:
-    """NaN/inf → None (JSON and Prefect table artifacts reject them)."""
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
+        obj = obj.item()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
@@ -225,7 +232,8 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
     nights = night_order(df)
     latest = nights[-1] if nights else None
     previous = nights[-2] if len(nights) > 1 else None
-    result = ReportResult(str(run_dir / REPORT_NAME), run_id, latest, previous, n_rows=int(len(df)))
+    result = ReportResult(report_path=str(run_dir / REPORT_NAME), run_id=run_id, latest_night=latest,
+                          previous_night=previous, n_rows=int(len(df)))
     md = [f"# QA report — run `{run_id}`", ""]
     tok = man.get("tokenizer") or {}
     md += [md_table(["field", "value"], [

@@ -28,11 +28,13 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from lib.core.errors import BadInputError
+from lib.core.options import Frozen, Options, PathStr, Seq
 from lib.store.atomic import locked, write_text_atomic
 from lib.store.corpus import PROJECT_ROOT, PROMPTS_DIR, SAMPLES_DIR
 from lib.store.snapshot import SNAPSHOT_VERSION, build_snapshot, diff_snapshots
@@ -56,27 +58,21 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 INPUT_KEYS = ("snapshot_digest", "tokenizer", "teacher_commit", "student_commit")
 
 
-@dataclass(frozen=True)
-class ScaffoldSpec:
+class ScaffoldSpec(Options):
     """What `tourguide scaffold` was asked for. `prompts` (file paths, absolute or relative to
     `prompts_dir`) overrides the default list: every `prompts_dir/**/*.md`."""
 
-    run_id: str
-    runs_root: str = "runs"
-    samples_dir: str = str(SAMPLES_DIR)
-    prompts_dir: str = str(PROMPTS_DIR)
-    prompts: tuple[str, ...] = ()
-    tokenizer_name: str | None = None
-    tokenizer_version: str | None = None
-    teacher_commit: str | None = None
-    student_commit: str | None = None
+    label = "scaffold spec"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "prompts": list(self.prompts)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ScaffoldSpec:
-        return cls(**{**d, "prompts": tuple(d.get("prompts") or ())})
+    run_id: str = Field(description="names the folder under runs_root (checked with --run-id's rules)")
+    runs_root: PathStr = Field("runs", description="where run folders live")
+    samples_dir: PathStr = Field(str(SAMPLES_DIR), description="the corpus: *.txt, one blurb per line")
+    prompts_dir: PathStr = Field(str(PROMPTS_DIR), description="prompt / style files (*.md)")
+    prompts: Seq[str] = Field((), description="prompt files to snapshot (default: every prompts_dir/**/*.md)")
+    tokenizer_name: str | None = Field(None, description="recorded in the manifest")
+    tokenizer_version: str | None = Field(None, description="recorded in the manifest")
+    teacher_commit: str | None = Field(None, description="recorded in the manifest")
+    student_commit: str | None = Field(None, description="recorded in the manifest")
 
 
 def new_run_id(kind: str = "run") -> str:
@@ -219,8 +215,7 @@ def _record_dataset_ledger(run_dir: Path, run_id: str, snapshot: Mapping[str, An
     append_rows(path, "dataset", rows)
 
 
-@dataclass(frozen=True)
-class RunInfo:
+class RunInfo(Frozen):
     """A scaffolded run as consumers see it."""
 
     run_dir: str
@@ -228,9 +223,6 @@ class RunInfo:
     manifest: dict[str, Any]
     snapshot_digest: str
     sample_files: tuple[str, ...]  # absolute paths of the snapshot's sample files, in snapshot order
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "sample_files": list(self.sample_files)}
 
 
 def load_run(runs_root: str | os.PathLike, run_id: str) -> RunInfo:
@@ -242,7 +234,8 @@ def load_run(runs_root: str | os.PathLike, run_id: str) -> RunInfo:
     manifest = read_json(run_dir / MANIFEST_NAME, "run manifest")
     snapshot = read_json(run_dir / SNAPSHOT_NAME, "dataset snapshot")
     files = tuple(str(Path(manifest["samples_dir"]) / f["file"]) for f in snapshot["samples"])
-    return RunInfo(str(run_dir), run_id, manifest, manifest["snapshot_digest"], files)
+    return RunInfo(run_dir=str(run_dir), run_id=run_id, manifest=manifest,
+                   snapshot_digest=manifest["snapshot_digest"], sample_files=files)
 
 
 def verify_snapshot(runs_root: str | os.PathLike, run_id: str) -> RunInfo:

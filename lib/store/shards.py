@@ -18,12 +18,14 @@ import json
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from lib.core.digests import sha256_file
 from lib.core.errors import BadInputError
+from lib.core.options import Frozen
 from lib.store.atomic import append_lines_durable, fsync_dir, locked, write_bytes_atomic, write_text_atomic
 from lib.store.safetensors_io import read_header, read_tensors, tensor_parts
 
@@ -46,11 +48,29 @@ def shard_name(sample_index: int) -> str:
     return f"sample_{sample_index:04d}.safetensors"
 
 
-@dataclass(frozen=True)
-class ShardRecord:
-    """One row of `metadata.jsonl`: everything a consumer needs without opening the shard."""
+def _plain_file_name(shard: str) -> str:
+    try:
+        encoded = os.fsencode(shard)
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+        encoded = b"\x00"
+    if ("/" in shard or "\\" in shard or shard in ("", ".", "..") or shard.startswith(".")
+            or b"\x00" in encoded or len(encoded) > 255):  # NUL, unencodable, over-long: os.stat would raise
+        raise ValueError(f"shard name {shard!r} must be a plain file name inside the index folder")
+    return shard
 
-    shard: str  # file name relative to the index's folder
+
+class ShardRecord(Frozen):
+    """One row of `metadata.jsonl`: everything a consumer needs without opening the shard.
+
+    `ShardRecord.parse(row, where)` type-checks a row read back (strict: JSON types only) and
+    names 'file:line' and the key in every error. Keys this build does not know are ignored
+    rather than refused: the index is an on-disk format that newer writers may extend."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    root: ClassVar[str] = "index row"
+    hint: ClassVar[str] = "fix or delete that line, or recapture into a fresh --output-dir"
+
+    shard: Annotated[str, AfterValidator(_plain_file_name)]  # file name relative to the index's folder
     sample_id: str
     sample_index: int
     text_sha256: str
@@ -60,7 +80,7 @@ class ShardRecord:
     truncated: bool
     layers: list[str]  # hook points stored as act/<name>
     dtype: str
-    shapes: dict[str, list[int]]  # tensor name -> shape
+    shapes: dict[str, list[Annotated[int, Field(ge=0)]]]  # tensor name -> shape
     sha256: str
     bytes: int
     model: str
@@ -70,50 +90,16 @@ class ShardRecord:
     capture_key: str
     capture_version: str
     logits: bool
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _span(self) -> ShardRecord:
+        if self.n_tokens != self.token_end - self.token_start or self.n_tokens < 0:
+            raise ValueError(f"token span [{self.token_start}, {self.token_end}) disagrees with n_tokens={self.n_tokens}")
+        return self
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
-
-    @classmethod
-    def from_dict(cls, row: Any, *, where: str) -> ShardRecord:
-        """Parse and type-check one index row; `where` ('file:line') goes into every error."""
-        if not isinstance(row, dict):
-            raise BadInputError(f"{where}: index row must be a JSON object, got {type(row).__name__}")
-        spec: dict[str, tuple[type, ...]] = {
-            "shard": (str,), "sample_id": (str,), "sample_index": (int,), "text_sha256": (str,),
-            "token_start": (int,), "token_end": (int,), "n_tokens": (int,), "truncated": (bool,),
-            "layers": (list,), "dtype": (str,), "shapes": (dict,), "sha256": (str,), "bytes": (int,),
-            "model": (str,), "revision": (str,), "tokenizer": (str,), "backend": (str,),
-            "capture_key": (str,), "capture_version": (str,), "logits": (bool,),
-        }
-        missing = [k for k in spec if k not in row]
-        if missing:
-            raise BadInputError(f"{where}: index row lacks key(s) {missing}; recapture into a fresh --output-dir")
-        for key, types in spec.items():
-            val = row[key]
-            if not isinstance(val, types) or (int in types and isinstance(val, bool) and bool not in types):
-                raise BadInputError(f"{where}: key {key!r} must be {types[0].__name__}, got {val!r:.60}")
-        if not all(isinstance(x, str) for x in row["layers"]):
-            raise BadInputError(f"{where}: key 'layers' must be a list of strings")
-        for name, shape in row["shapes"].items():
-            if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-                raise BadInputError(f"{where}: shapes[{name!r}] must be a list of non-negative ints, got {shape!r:.60}")
-        shard = row["shard"]
-        try:
-            encoded = os.fsencode(shard)
-        except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
-            encoded = b"\x00"
-        if ("/" in shard or "\\" in shard or shard in ("", ".", "..") or shard.startswith(".")
-                or b"\x00" in encoded or len(encoded) > 255):  # NUL, unencodable, over-long: os.stat would raise
-            raise BadInputError(f"{where}: shard name {shard!r} must be a plain file name inside the index folder")
-        if row["n_tokens"] != row["token_end"] - row["token_start"] or row["n_tokens"] < 0:
-            raise BadInputError(f"{where}: token span [{row['token_start']}, {row['token_end']}) disagrees with n_tokens={row['n_tokens']}")
-        extra = row.get("extra", {})
-        if not isinstance(extra, dict):
-            raise BadInputError(f"{where}: key 'extra' must be an object")
-        known = {k: row[k] for k in spec}
-        return cls(**known, extra=extra)
+        return json.dumps(self.model_dump(), sort_keys=True, ensure_ascii=False)
 
 
 def read_index(index_path: str | os.PathLike) -> list[ShardRecord]:
@@ -139,7 +125,7 @@ def read_index(index_path: str | os.PathLike) -> list[ShardRecord]:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
             raise BadInputError(f"{path}:{lineno}: malformed JSON ({exc.__class__.__name__}: {str(exc)[:80]}); fix or delete that line and re-run capture") from None
-        records.append(ShardRecord.from_dict(row, where=f"{path}:{lineno}"))
+        records.append(ShardRecord.parse(row, f"{path}:{lineno}"))
     return records
 
 

@@ -5,11 +5,11 @@ scale, cosine sampling, permutations).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Annotated
 
-from lib.core.errors import BadInputError
+from pydantic import ConfigDict, Field, Strict, field_validator
+
+from lib.core.options import Options, PathStr, Seq, one_of
 
 DEFAULT_COSINE_TOKENS = 16384
 
@@ -17,46 +17,56 @@ DEFAULT_COSINE_TOKENS = 16384
 POOL_SCALES = ("raw", "normalized")
 
 
-@dataclass(frozen=True)
-class RotateOptions:
-    """How to solve. full_moments: also accumulate the full Sx = Σxᵀx, Sy = Σyᵀy into stats/
-    (PCA always does; plain Procrustes needs only their traces). layer_weights: (layer, w) pairs for the pooled rotation (others 1.0);
-    pool_scale 'raw' pools Σ w_l C_l as written (layers with larger residuals weigh more),
-    'normalized' divides each C_l by sqrt(tr Sx_l tr Sy_l) first. cosine_tokens: cap on the
-    tokens behind the after-rotation cosines (0 = all). model_config: config.json (or model
-    folder) giving heads / kv heads / head_dim for --solve-permutations (default: the student
-    capture's model folder)."""
+class RotateOptions(Options):
+    """How to solve (`tourguide rotate` flags; the rotate flow's `options` parameter).
 
-    pca_dim: int | None = None
-    exclude_position0: bool = False
-    layer_weights: tuple[tuple[str, float], ...] = ()
-    pool_scale: str = "raw"
-    cosine_tokens: int = DEFAULT_COSINE_TOKENS
-    solve_permutations: bool = False
-    model_config: str | None = None
-    chunk_rows: int | None = None
-    full_moments: bool = False  # keep Sx, Sy in stats/ even without PCA (~one more GEMM per token)
+    full_moments: also accumulate the full Sx = Σxᵀx, Sy = Σyᵀy into stats/ (PCA always does;
+    plain Procrustes needs only their traces). layer_weights: (layer, w) pairs for the pooled
+    rotation (others 1.0); pool_scale 'raw' pools Σ w_l C_l as written (layers with larger
+    residuals weigh more), 'normalized' divides each C_l by sqrt(tr Sx_l tr Sy_l) first.
+    cosine_tokens: cap on the tokens behind the after-rotation cosines (0 = all). model_config:
+    config.json (or model folder) giving heads / kv heads / head_dim for --solve-permutations
+    (default: the student capture's model folder)."""
 
-    def check(self) -> None:
-        if self.pca_dim is not None and self.pca_dim < 1:
-            raise BadInputError(f"--pca-dim must be >= 1, got {self.pca_dim}")
-        if self.pool_scale not in POOL_SCALES:
-            raise BadInputError(f"--pool-scale {self.pool_scale!r} is not one of {list(POOL_SCALES)}")
-        if self.cosine_tokens < 0:
-            raise BadInputError(f"--cosine-tokens must be >= 0 (0 = every token), got {self.cosine_tokens}")
-        if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise BadInputError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
-        for layer, w in self.layer_weights:
-            if not math.isfinite(w) or w < 0:
-                raise BadInputError(f"--layer-weight {layer}={w}: weights must be finite and >= 0")
+    model_config = ConfigDict(serialize_by_alias=True)
+    label = "rotate options"
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layer_weights"] = [list(p) for p in self.layer_weights]
-        return d
+    pca_dim: int | None = Field(None, description="PCA both sides to K dims and solve in K-space (needed when the "
+                                                  "hidden sizes differ)")
+    exclude_position0: bool = Field(False, description="leave out position 0 of every sample (BOS / attention sink)")
+    layer_weights: Seq[Annotated[tuple[str, float], Strict(False)]] = Field(
+        (), description="[layer, weight] pairs for the pooled rotation (other layers weigh 1.0)")
+    pool_scale: one_of(POOL_SCALES) = Field("raw", description="raw: pool Σ w_l C_l as is; normalized: divide each "
+                                                               "C_l by sqrt(tr Sx_l · tr Sy_l) first")
+    cosine_tokens: int = Field(DEFAULT_COSINE_TOKENS, description="tokens behind the after-rotation cosines "
+                                                                  "(0 = every token)")
+    solve_permutations: bool = Field(False, description="also solve MLP-neuron and GQA head permutations")
+    # Written `model_config` (flag --model-config, JSON key, UI form); pydantic reserves that name.
+    config_ref: PathStr | None = Field(None, alias="model_config",
+                                       description="config.json or model folder giving heads / kv heads / head_dim "
+                                                   "(default: the student capture's model folder)")
+    chunk_rows: int | None = Field(None, ge=1, description="rows per streamed chunk (default: automatic)")
+    full_moments: bool = Field(False, description="keep the full Sx, Sy in stats/ even without PCA "
+                                                  "(about one more GEMM per token)")
 
+    @field_validator("pca_dim")
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> RotateOptions:
-        d = dict(d or {})
-        d["layer_weights"] = tuple((str(k), float(v)) for k, v in d.get("layer_weights", ()))
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+    def _pca_dim(cls, k: int | None) -> int | None:
+        if k is not None and k < 1:
+            raise ValueError(f"--pca-dim must be >= 1, got {k}")
+        return k
+
+    @field_validator("cosine_tokens")
+    @classmethod
+    def _cosine_tokens(cls, n: int) -> int:
+        if n < 0:
+            raise ValueError(f"--cosine-tokens must be >= 0 (0 = every token), got {n}")
+        return n
+
+    @field_validator("layer_weights")
+    @classmethod
+    def _weights(cls, pairs: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+        for layer, w in pairs:
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"--layer-weight {layer}={w}: weights must be finite and >= 0")
+        return pairs

@@ -47,14 +47,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lib.core.errors import BadInputError
+from lib.core.options import Frozen
 from lib.store.runs import new_run_id
 from lib.store.safetensors_io import read_tensors
 from lib.store.shards import ACT_PREFIX, INPUT_SUFFIX, ShardRecord, read_index, resolve_index_path
@@ -64,8 +64,7 @@ from lib.transport.options import RotateOptions
 from lib.transport.stream import RowSpan
 
 
-@dataclass(frozen=True)
-class PairedSample:
+class PairedSample(Frozen):
     """One sample present in both captures: rows [start, stop) of each shard are paired."""
 
     sample_id: str
@@ -76,8 +75,7 @@ class PairedSample:
     stop: int
 
 
-@dataclass(frozen=True)
-class PermutationLayer:
+class PermutationLayer(Frozen):
     """Where the permutation inputs of one decoder block live and how its heads group."""
 
     layer: str
@@ -89,9 +87,9 @@ class PermutationLayer:
     intermediate_size: int
 
 
-@dataclass(frozen=True)
-class RotationPlan:
-    """Everything the per-layer work needs, JSON-able (Prefect passes it between tasks)."""
+class RotationPlan(Frozen):
+    """Everything the per-layer work needs. Tasks pass it as `model_dump(mode="json")` and
+    rebuild it with `RotationPlan.model_validate`."""
 
     student_index: str
     teacher_index: str
@@ -124,21 +122,6 @@ class RotationPlan:
 
     def permutation_for(self, layer: str) -> PermutationLayer | None:
         return next((p for p in self.permutations if p.layer == layer), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["options"] = self.options.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RotationPlan:
-        d = dict(d)
-        d["options"] = RotateOptions.from_dict(d["options"])
-        d["layers"] = tuple(d["layers"])
-        d["weights"] = tuple(d["weights"])
-        d["pairs"] = tuple(PairedSample(**p) for p in d["pairs"])
-        d["permutations"] = tuple(PermutationLayer(**p) for p in d.get("permutations", ()))
-        return cls(**d)
 
 
 def check_output_paths(output_dir: str | os.PathLike, ledger: str | os.PathLike | None,
@@ -271,8 +254,9 @@ def _plan_permutations(layers: Sequence[str], config_ref: str, s_index: Path, t_
                     raise BadInputError(f"--solve-permutations: {side} {hook!r} has width {got}, but the model config "
                                         f"({config_ref}) implies {width}; both models must share the architecture "
                                         "(heads, kv heads, head_dim, intermediate_size)")
-        out.append(PermutationLayer(layer, mlp, heads, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim,
-                                    adapter.intermediate_size))
+        out.append(PermutationLayer(layer=layer, mlp_hook=mlp, heads_hook=heads, num_heads=adapter.num_heads,
+                                    num_kv_heads=adapter.num_kv_heads, head_dim=adapter.head_dim,
+                                    intermediate_size=adapter.intermediate_size))
     return tuple(out), adapter.model_type, adapter.head_dim
 
 
@@ -285,7 +269,6 @@ def plan_rotation(student_index: str | os.PathLike, teacher_index: str | os.Path
 
     check_tokens=False skips opening the shards (the CLI's fast pre-check before Prefect starts).
     """
-    options.check()
     check_output_paths(output_dir, ledger, spec_out)
     s_index, t_index = resolve_index_path(student_index), resolve_index_path(teacher_index)
     s_rows, t_rows = read_index(s_index), read_index(t_index)
@@ -337,20 +320,21 @@ def plan_rotation(student_index: str | os.PathLike, teacher_index: str | os.Path
 
     perms, model_type, head_dim = (), None, None
     if options.solve_permutations:
-        config_ref = options.model_config or s_pair[0].model
+        config_ref = options.config_ref or s_pair[0].model
         perms, model_type, head_dim = _plan_permutations(layers, config_ref, s_index, t_index, s_pair, t_pair)
-    elif options.model_config:
+    elif options.config_ref:
         from lib.models.adapters import adapter_for_config
 
-        adapter = adapter_for_config(load_model_config(options.model_config))
+        adapter = adapter_for_config(load_model_config(options.config_ref))
         model_type, head_dim = adapter.model_type, adapter.head_dim
 
     start = 1 if options.exclude_position0 else 0
     pairs = []
     for s, t in zip(s_pair, t_pair, strict=True):
         n = _pair_tokens(s_index.parent, t_index.parent, s, t) if check_tokens else min(s.n_tokens, t.n_tokens)
-        pairs.append(PairedSample(s.sample_id, s.text_sha256, str((s_index.parent / s.shard).resolve()),
-                                  str((t_index.parent / t.shard).resolve()), start, max(n, start)))
+        pairs.append(PairedSample(sample_id=s.sample_id, text_sha256=s.text_sha256,
+                                  student_shard=str((s_index.parent / s.shard).resolve()),
+                                  teacher_shard=str((t_index.parent / t.shard).resolve()), start=start, stop=max(n, start)))
     n_tokens = sum(p.stop - p.start for p in pairs)
     if n_tokens == 0 and check_tokens:
         raise BadInputError(f"{len(pairs)} paired sample(s) hold no token to align"

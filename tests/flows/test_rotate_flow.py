@@ -42,7 +42,7 @@ def test_flow_maps_layers_pools_and_appends_ledger_rows(prefect_harness, capture
     s, t, xs, ys = captures
     kw = dict(student_index=str(s), teacher_index=str(t), layers=LAYERS, output_dir=str(tmp_path / "rot"),
               ledger=str(tmp_path / "ledgers" / "rotations"), spec_out=str(tmp_path / "transforms.json"),
-              options=RotateOptions(exclude_position0=True).to_dict())
+              options=RotateOptions(exclude_position0=True))
     first = rotate_flow(**kw)
     assert [r["layer"] for r in first["layers"]] == LAYERS
     keep = np.ones(len(xs[LAYERS[0]]), bool)
@@ -91,3 +91,20 @@ def test_cli_rotate_prints_the_table_and_fails_fast_on_bad_input(prefect_harness
     err = capsys.readouterr().err
     assert "model.layers.9" in err and "not in the student capture" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_typo_in_the_options_parameter_fails_the_flow(prefect_harness, captures, tmp_path):
+    """Hole 3: the rotate options used to drop unknown keys (`pca_dims` solved without PCA)."""
+    from lib.core.errors import BadInputError
+
+    s, t, _, _ = captures
+    with pytest.raises(BadInputError, match=r"rotate_flow options: pca_dims: unknown key \(did you mean 'pca_dim'\?\)"):
+        rotate_flow(student_index=str(s), teacher_index=str(t), layers=LAYERS, output_dir=str(tmp_path / "rot"),
+                    options={"pca_dims": 4})
+    with pytest.raises(BadInputError, match=r"rotate_flow options: pool_scale: 'log' is not one of"):
+        rotate_flow(student_index=str(s), teacher_index=str(t), output_dir=str(tmp_path / "rot"),
+                    options={"pool_scale": "log"})
+    assert not (tmp_path / "rot").exists()
+    schema = rotate_flow.parameters.model_dump()
+    assert schema["definitions"]["RotateOptions"]["additionalProperties"] is False
+    assert "model_config" in schema["definitions"]["RotateOptions"]["properties"]  # as users write it

@@ -144,7 +144,8 @@ def test_bad_inputs_write_nothing(make_tiny, tmp_path):
     fails(BadInputError, r"'model.layers.9' is not a module.*model.layers.0", CaptureSpec(model=model_dir, hook_points=("model.layers.9",)))
     fails(ModelLoadError, "local model folder not found", CaptureSpec(model=str(tmp_path / "nope") + "/"))
     fails(ModelLoadError, r"'Qwen/Qwen3-0.6B'.*not in the HF cache at .*hf", CaptureSpec(model="Qwen/Qwen3-0.6B"))
-    fails(BadInputError, "--max-length must be >= 1", CaptureSpec(model=model_dir, max_length=0))
+    with pytest.raises(BadInputError, match="capture spec: max_length: --max-length must be >= 1"):
+        CaptureSpec(model=model_dir, max_length=0)  # refused when built, before anything runs
     out.write_text("i am a file")
     with pytest.raises(BadInputError, match="is a file"):
         run_capture(CaptureSpec(model=model_dir), samples(), out)

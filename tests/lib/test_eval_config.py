@@ -5,14 +5,15 @@ Run: `.venv/bin/python -m pytest tests/lib/test_eval_config.py -q`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from lib.core.errors import BadInputError
-from lib.qa.eval_config import METRICS, EvalConfig, TransportConfig, config_from_dict, load_eval_config
+from lib.qa.eval_config import EvalConfig, TransportConfig, load_eval_config
+from lib.qa.metric_names import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,13 +81,13 @@ def test_json_and_toml_give_equal_frozen_objects(paths):
     (paths / "c.toml").write_text(TOML.format(p=paths))
     a, b = load_eval_config(paths / "c.json"), load_eval_config(paths / "c.toml")
     assert isinstance(a, EvalConfig) and a == b and hash(a) == hash(b)
-    assert a.variants[1].transports == (TransportConfig("rotation", str(paths / "q.safetensors")),)
+    assert a.variants[1].transports == (TransportConfig(kind="rotation", path=str(paths / "q.safetensors")),)
     assert a.teacher.name == "teacher" and a.teacher.revision is None and a.variants[0].transports == ()
     assert a.layers == ("model.layers.0", "model.layers.1") and a.batch_size == 4
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         a.run_id = "other"  # type: ignore[misc]
-    assert config_from_dict(a.to_dict()) == a  # what the flow passes between tasks round-trips
-    minimal = config_from_dict({"run_id": "r", "teacher": {"path": "t"}, "variants": [{"name": "v", "path": "s"}]})
+    assert EvalConfig.model_validate(a.model_dump(mode="json")) == a  # what the flow passes between tasks round-trips
+    minimal = EvalConfig.model_validate({"run_id": "r", "teacher": {"path": "t"}, "variants": [{"name": "v", "path": "s"}]})
     assert minimal.metrics == METRICS and minimal.dtype == "float32" and minimal.layers == ()
 
 
@@ -115,8 +116,11 @@ def _mutate(d: dict, path: list, value) -> dict:
     (["variants", 1, "transports", 0, "kindd"], "x", r"variants\[1\]\.transports\[0\]\.kindd: unknown key"),
     (["variants", 0, "path"], KeyError, r"variants\[0\]\.path: required key is missing"),
     (["teacher"], KeyError, r"teacher: required key is missing"),
-    (["batch_size"], "eight", r"batch_size: must be a integer"),
-    (["batch_size"], True, r"batch_size: must be a integer"),
+    (["batch_size"], "eight", r"batch_size: must be an integer, got 'eight'"),
+    (["batch_size"], True, r"batch_size: must be an integer, got True"),
+    (["batch_size"], 8.0, r"batch_size: must be an integer"),
+    (["layers", 0], 3, r"layers\[0\]: must be a string"),
+    (["teacher"], "t", r"teacher: must be a table/object"),
     (["batch_size"], 0, r"batch_size: must be >= 1"),
     (["max_length"], None, None),  # null is allowed where the field is optional
     (["metrics", 1], "bleu", r"metrics\[1\]: unknown metric 'bleu'"),
@@ -140,7 +144,7 @@ def test_bad_configs_name_the_key(paths, path, value, needle):
     data = _mutate(base(paths), path, value)
     (paths / "bad.json").write_text(json.dumps(data))
     if needle is None:
-        assert load_eval_config(paths / "bad.json") == config_from_dict(data)
+        assert load_eval_config(paths / "bad.json") == EvalConfig.parse(data)
         return
     with pytest.raises(BadInputError, match=needle) as err:
         load_eval_config(paths / "bad.json")
@@ -173,8 +177,8 @@ def test_unreadable_files(paths):
 def test_residual_metrics_need_a_residual_layer(paths):
     data = {**base(paths), "layers": ["model.layers.0.mlp.down_proj:input"], "metrics": ["residual_rms"]}
     with pytest.raises(BadInputError, match=r"layers: none of .* is a decoder block output"):
-        config_from_dict(data, "cfg")
-    assert config_from_dict({**data, "layers": ["model.layers.0.mlp.down_proj:input", "model.layers.1"]}, "cfg")
+        EvalConfig.parse(data, "cfg")
+    assert EvalConfig.parse({**data, "layers": ["model.layers.0.mlp.down_proj:input", "model.layers.1"]}, "cfg")
 
 
 def test_cli_qa_fails_fast_on_a_bad_config(paths, capsys):

@@ -20,6 +20,7 @@ from lib.fold.options import FoldOptions
 from lib.fold.transform_set import WeightTransformSet
 from lib.store.ledgers import read_ledger
 from lib.testing.random_transforms import random_head_permutation, random_rotation
+from tests.fold_bugs import BUGS, inject_fold_bug
 
 H, G, HD, D, INTER = 4, 2, 32, 128, 256
 PROBE = GateOptions(n_texts=4, max_length=48)
@@ -107,27 +108,29 @@ def test_bf16_output_is_a_smoke_test(make_tiny, tmp_path):
 # negative controls: each known fold bug must move KL by >= 1e-4 and be caught
 # ----------------------------------------------------------------------------------------------
 NEGATIVE = {
-    # name: (family, tie, transforms kwargs builder, FoldOptions, allow_inexact)
-    "rotation_without_gain_fold": ("llama", False, lambda: transforms("rotation", {}), FoldOptions(fold_gains=False), False),
-    "rotation_keeping_the_tie": ("qwen3", True, lambda: transforms("rotation", {}), FoldOptions(untie=False), False),
+    # name: (family, tie, transforms kwargs builder, injected fold bug (tests/fold_bugs.py), allow_inexact)
+    "rotation_without_gain_fold": ("llama", False, lambda: transforms("rotation", {}), "no_gain_fold", False),
+    "rotation_keeping_the_tie": ("qwen3", True, lambda: transforms("rotation", {}), "keep_tie", False),
     "qwen2_heads_forgetting_biases": ("qwen2", False, lambda: {"head_permutations": {0: np.array([2, 3, 1, 0])}},
-                                      FoldOptions(permute_qkv_bias=False), False),
+                                      "unpermuted_qkv_bias", False),
     "per_layer_rotations": ("qwen3", False, lambda: {"layer_rotations": {0: random_rotation(D, 1),
-                                                                         1: random_rotation(D, 2)}}, FoldOptions(), True),
+                                                                         1: random_rotation(D, 2)}}, None, True),
     "query_head_across_kv_groups": ("llama", False, lambda: {"head_permutations": {0: np.array([0, 2, 1, 3])}},
-                                    FoldOptions(), True),
+                                    None, True),
 }
 
 
 @pytest.mark.parametrize("bug", sorted(NEGATIVE))
-def test_gate_catches_known_fold_bugs(make_tiny, tmp_path, bug):
-    family, tie, kwargs, options, inexact = NEGATIVE[bug]
+def test_gate_catches_known_fold_bugs(make_tiny, tmp_path, monkeypatch, bug):
+    family, tie, kwargs, injected, inexact = NEGATIVE[bug]
     model_dir = make_tiny(family, tie=tie)
     ts = WeightTransformSet.from_arrays(config_of(model_dir), allow_inexact=inexact, **kwargs())
     run = tmp_path / "run"
     (run / "ledgers").mkdir(parents=True)
     out = run / "checkpoints" / "bad"
-    fold_checkpoint(model_dir, out, ts, options)
+    if injected:
+        inject_fold_bug(monkeypatch, injected)
+    fold_checkpoint(model_dir, out, ts)
     if inexact:
         # Folded on explicit opt-in: measured and reported as drift, never a pass, no exception.
         result = gate_fold(model_dir, out, ts, PROBE)
@@ -146,6 +149,17 @@ def test_gate_catches_known_fold_bugs(make_tiny, tmp_path, bug):
     ledger = read_ledger(run / "ledgers" / "fold", "fold")
     assert len(ledger) == 1 and ledger.loc[0, "status"] == result.status and not ledger.loc[0, "passed"]
     assert ledger.loc[0, "mean_kl"] == pytest.approx(result.mean_kl) and ledger.loc[0, "run_id"] == "run"
+
+
+def test_every_known_fold_bug_is_a_negative_control_and_none_is_an_option():
+    """The bugs are injected by tests only: each has a case above, and no FoldOptions key (hence
+    no CLI flag or deployment parameter) can switch one on."""
+    from lib.core.errors import BadInputError
+
+    assert {case[3] for case in NEGATIVE.values()} - {None} == set(BUGS)
+    for switch in ("fold_gains", "untie", "permute_qkv_bias"):
+        with pytest.raises(BadInputError, match=rf"fold options: {switch}: unknown key"):
+            FoldOptions.model_validate({switch: False})
 
 
 def test_passing_fold_in_a_run_writes_a_ledger_row(make_tiny, tmp_path):

@@ -122,7 +122,7 @@ def check_index_bytes(folder: Path, raw: bytes) -> None:
     if rows is None:
         return
     for r in rows:  # what parses must round-trip, and checking its shard must never raise
-        assert ShardRecord.from_dict(json.loads(r.to_json()), where="roundtrip") == r
+        assert ShardRecord.parse(json.loads(r.to_json()), "roundtrip") == r
     with no_hang():
         checks = validate_indexes([path], workers=1)
     assert len(checks) == len(rows)

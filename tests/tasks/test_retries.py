@@ -87,7 +87,7 @@ def test_a_retried_rotate_record_appends_its_ledger_rows_once(prefect_harness, t
 
     @flow
     def record_once() -> dict:
-        return record_rotation_task.with_options(retry_delay_seconds=0)(plan.to_dict(), results, pooled)
+        return record_rotation_task.with_options(retry_delay_seconds=0)(plan.model_dump(mode="json"), results, pooled)
 
     summary = record_once()
     assert calls["n"] == 2, "the transient failure was not retried"

@@ -141,7 +141,6 @@ def test_shards_match_torch_backend(captured, samples):
 def test_no_logits_capture_stores_the_same_activations_without_logits(captured, samples, tmp_path):
     """--no-logits: same engine (logits are not part of its key), no final-norm hook, no logits
     tensor, index rows say logits=false; activations as in the run with logits."""
-    import dataclasses
 
     import lib.capture.vllm_backend as vb
 
@@ -150,7 +149,7 @@ def test_no_logits_capture_stores_the_same_activations_without_logits(captured, 
 
     _, _, v_dir, hooks, vspec, _ = captured
     starts = vb.ENGINE_STARTS
-    run_capture(dataclasses.replace(vspec, logits=False), samples[:3], tmp_path / "nologits")
+    run_capture(vspec.model_copy(update={"logits": False}), samples[:3], tmp_path / "nologits")
     assert vb.ENGINE_STARTS == starts
     for r in read_index(tmp_path / "nologits"):
         assert r.logits is False and "logits" not in r.shapes
@@ -162,15 +161,14 @@ def test_no_logits_capture_stores_the_same_activations_without_logits(captured, 
 
 
 def test_index_rows_differ_only_in_backend_fields(captured):
-    from dataclasses import asdict
 
     from lib.store.shards import load_shard, read_index
 
     family, t_dir, v_dir, *_ = captured
-    t_rows = {r.shard: asdict(r) for r in read_index(t_dir)}
+    t_rows = {r.shard: r.model_dump() for r in read_index(t_dir)}
     differing: set[str] = set()
     for r in read_index(v_dir):
-        v, t = asdict(r), t_rows[r.shard]
+        v, t = r.model_dump(), t_rows[r.shard]
         assert v["backend"] == "vllm" and t["backend"] == "torch"
         differing |= {k for k in v if v[k] != t[k]}
         _, v_meta = load_shard(v_dir / r.shard, names=[])
