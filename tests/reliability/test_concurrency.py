@@ -9,6 +9,7 @@ once with every row's shard valid.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from lib.store.ledgers import read_ledger
 from lib.store.shards import read_index, shard_name
 from lib.store.validation import validate_indexes
-from tests.reliability.helpers import RenameCounter, index_problems, spawn, worker_cmd
+from tests.reliability.helpers import ROOT, RenameCounter, index_problems, spawn, worker_cmd
 
 
 def _check_store(out: Path, n: int, writes) -> None:
@@ -70,7 +71,10 @@ def test_two_capture_flow_runs_into_one_folder(prefect_server, make_tiny, tmp_pa
     out = tmp_path / "acts"
     out.mkdir()
     base = [sys.executable, "-m", "flows", "capture", "--model", str(model), "--output-dir", str(out)]
-    env = prefect_server.client_env()
+    # Each process's first commit waits for the other (tests/reliability/barrier_site): a real race.
+    site = Path(__file__).parent / "barrier_site"
+    env = {**prefect_server.client_env(), "TOURGUIDE_TEST_BARRIER": str(tmp_path / "barrier"),
+           "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
     with RenameCounter(out) as renames:
         a = spawn([*base, "--limit", "12", "--batch-size", "3"], **env)
         b = spawn([*base, "--limit", "16", "--batch-size", "2"], **env)
