@@ -1,6 +1,6 @@
 """The vLLM capture backend: the same tensors as the torch backend, computed by a vLLM engine.
 
-`lib.capture.capture_items` calls `forward_batch_vllm(spec, plan, items)` for `--backend vllm`;
+`lib.capture.run.capture_items` calls `forward_batch_vllm(spec, plan, items)` for `--backend vllm`;
 shard writing, index rows and checksums are the shared code, so only the tensors are ours.
 How a batch is captured:
 

@@ -1,6 +1,6 @@
 """Fold a `WeightTransformSet` into a checkpoint: exact, streaming, float64 math, one cast.
 
-For a pre-norm RMSNorm decoder (DESIGN §4), with linear convention y = x Wᵀ + b (W is out×in):
+For a pre-norm RMSNorm decoder (Llama, Qwen2, Qwen3), with linear convention y = x Wᵀ + b (W is out×in):
 
 1. untie lm_head from embed_tokens when a rotation needs it (`tie_word_embeddings: false`);
    a signed-permutation Q keeps the tie by permuting the norm gains instead of folding them;

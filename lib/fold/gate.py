@@ -53,7 +53,7 @@ BUILTIN_PROBE_TEXTS = (
 class GateThresholds(Frozen):
     """Pass limits. A correct fp32 fold of a tiny model sits near 1e-6 / 1e-13; every known fold
     bug gives KL ≥ 1e-3. Half-precision outputs carry one rounding per weight, so they get
-    smoke-test limits only (DESIGN §4: bf16 is a smoke test)."""
+    smoke-test limits only (bf16 is a smoke test, not a proof)."""
 
     max_abs_logit_diff: float = 1e-2
     max_mean_kl: float = 1e-6

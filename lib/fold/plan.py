@@ -1,6 +1,6 @@
 """What the fold does to each tensor: checkpoint-wide decisions (`plan_layout`: untie, fold
 or permute the norm gains) and per-tensor `TensorOps` (`plan_tensor_ops`). See lib.fold.checkpoint
-for the math (DESIGN §4).
+for the math (its module docstring).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def plan_tensor_ops(role: TensorRole, transforms: WeightTransformSet, adapter: M
     kind, part, i = role.kind, role.part, role.layer
     name = role.name
     if kind in ("q_norm", "k_norm"):
-        return TensorOps(name, name)  # per-head gains: never touched (DESIGN §4.4)
+        return TensorOps(name, name)  # per-head gains: RoPE acts inside each head, so never touched
     if kind in NORM_KINDS:
         q = transforms.head_rotation() if kind == "final_norm" else transforms.block_rotation(i)
         if q is None:
@@ -143,7 +143,7 @@ def _roles(names: list[str], adapter: ModelAdapter, transforms: WeightTransformS
     if unknown and not transforms.is_identity:
         raise BadInputError(
             f"checkpoint tensor(s) {unknown[:5]} are not known to the {adapter.model_type} adapter, so the fold cannot "
-            "tell whether they read or write the residual stream; teach lib/adapters/ about them")
+            "tell whether they read or write the residual stream; teach lib/models/adapters/ about them")
     return roles
 
 

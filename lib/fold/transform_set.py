@@ -9,7 +9,7 @@ layer names exist. Transforms that cannot be folded exactly (per-layer rotations
 rotations inside a q/k head, query heads moved across kv groups) raise `NotExactError` unless
 `allow_inexact=True`; then they are kept and `inexact_reasons` says why.
 
-Conventions (shared with lib/transports.py, see TEAM_NOTES / DESIGN §4):
+Conventions (shared with lib/transport/, the fold rules in lib/fold/checkpoint.py):
 
 - residual rotation Q [d, d] float64: row-vector residuals, the fold maps h ↦ h·Q.
 - permutation perm [n] int64: the permuted model's unit j is the source's unit perm[j].
@@ -17,7 +17,7 @@ Conventions (shared with lib/transports.py, see TEAM_NOTES / DESIGN §4):
 - V/O rotation R [G, hd, hd]: indexed by the *permuted* model's kv heads; v rows by Rᵀ, o_proj
   column blocks of the group's query heads by R.
 
-Order of application (lib/fold.py): untie → fold norm gains → permutations → V/O (q/k)
+Order of application (lib/fold/checkpoint.py): untie → fold norm gains → permutations → V/O (q/k)
 rotations → residual rotation. Residual and internal transforms act on different axes.
 
 Write a spec from arrays with `write_transform_spec(folder, config, ...)`.

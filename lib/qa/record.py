@@ -14,7 +14,7 @@ from lib.qa.metric_names import LOGIT_METRICS, METRICS, METRICS_VERSION, is_resi
 
 def metric_rows(values: Sequence[MetricValue], *, run_id: str, night: str, timestamp: str, variant: str,
                 snapshot_digest: str, code_version: str) -> list[dict[str, Any]]:
-    """Rows of the `metrics` ledger (lib.ledgers.SCHEMAS['metrics'])."""
+    """Rows of the `metrics` ledger (lib.store.ledgers.SCHEMAS['metrics'])."""
     return [{"run_id": run_id, "night": night, "timestamp": timestamp, "variant": variant, "metric": v.metric,
              "layer": v.layer, "sample": v.sample, "value": float(v.value), "n_tokens": int(v.n_tokens),
              "snapshot_digest": snapshot_digest, "code_version": code_version} for v in values]

@@ -1,6 +1,6 @@
 """MLP-neuron and GQA attention-head permutations from activation correlations (Hungarian).
 
-Convention (shared with the fold, lib/transform_set.py): a permutation `perm` [n] int64 says
+Convention (shared with the fold, lib/fold/transform_set.py): a permutation `perm` [n] int64 says
 the permuted model's unit j is the source model's unit perm[j] (new = old[perm]). The solver
 returns the permutation that maps the STUDENT onto the TEACHER: apply it to the student and
 its unit j lines up with the teacher's unit j.

@@ -95,7 +95,7 @@ def pool_rotation(plan: RotationPlan, layer_results: Sequence[Mapping[str, Any]]
                       "teacher_mean": means_y, "weights": np.asarray(plan.weights, np.float64)},
                      {**meta, "pca_dim": str(k)})
         adapter_file = qa_adapter_path(out)
-        # The adapter acts on the *folded* student (h' = h Q_s): see lib.procrustes.teacher_adapter.
+        # The adapter acts on the *folded* student (h' = h Q_s): see lib.transport.procrustes.teacher_adapter.
         save_tensors(adapter_file, {"projection": teacher_adapter(fit)["projection"],
                                     "student_mean": means_x @ fit.completion,
                                     "teacher_mean": means_y},

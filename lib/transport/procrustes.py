@@ -1,7 +1,7 @@
 """Orthogonal Procrustes, PCA and the pooled global rotation, from accumulated float64 moments.
 
 Everything here works on sufficient statistics (never on token rows), so memory is O(d²)
-whatever the token count. Conventions (shared with the fold, see lib/transform_set.py):
+whatever the token count. Conventions (shared with the fold, see lib/fold/transform_set.py):
 row-vector residuals, the student residual x [1, d_s] maps to x @ R ≈ teacher residual y.
 
     C = Σ xᵀy = U S Vᵀ  →  R = polar(C) = U Vᵀ   minimises ‖X R − Y‖_F over orthogonal R

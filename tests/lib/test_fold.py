@@ -59,7 +59,7 @@ def blockdiag(blocks: list[np.ndarray]) -> np.ndarray:
 
 
 def oracle(sd: dict[str, torch.Tensor], ts: WeightTransformSet, tied: bool) -> dict[str, np.ndarray]:
-    """DESIGN §4 written out in float64 numpy, one matrix product per rule."""
+    """The fold rules (lib/fold/checkpoint.py docstring) written out in float64 numpy, one matrix product per rule."""
     w = {k: v.double().numpy() for k, v in sd.items()}
     Q = ts.residual_rotation
     out = {"model.embed_tokens.weight": w["model.embed_tokens.weight"] @ Q, "model.norm.weight": np.ones(D)}

@@ -82,7 +82,7 @@ def test_fold_preserves_the_function(make_tiny, tmp_path, family, tie, kind):
 
 def test_signed_permutation_keeps_the_tie(make_tiny, tmp_path):
     """A residual (signed) permutation on a tied model permutes the norm gains instead of folding
-    them, so lm_head stays tied (DESIGN §4)."""
+    them, so lm_head stays tied (the fold rules, lib/fold/checkpoint.py)."""
     model_dir = make_tiny("qwen3", tie=True)
     rng = np.random.default_rng(0)
     p = np.eye(D)[rng.permutation(D)] * rng.choice([-1.0, 1.0], size=D)[:, None]

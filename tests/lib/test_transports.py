@@ -1,4 +1,4 @@
-"""The rotate job end to end through real shard folders (lib.transports.run_rotation): streaming R
+"""The rotate job end to end through real shard folders (lib.transport.record.run_rotation): streaming R
 vs scipy, planted rotations/reflections, pooling, PCA across widths, position 0, padding,
 ledgers, transforms.json, and bad inputs that must write nothing."""
 

@@ -112,7 +112,7 @@ def test_rotate_refuses_damaged_shards_and_says_how_to_recapture(prefect_harness
 
 
 def test_qa_metrics_refuse_damaged_shards(captured, tmp_path):
-    """QA's metric step (lib.metrics.compare_captures, behind `tourguide qa`) checks checksums
+    """QA's metric step (lib.qa.compare.compare_captures, behind `tourguide qa`) checks checksums
     first; the QA flow's own capture step then recomputes exactly the damaged shards."""
     from lib.qa.compare import compare_captures
 

@@ -3,7 +3,7 @@ transforms.json (+ the tensor files it names), eval configs (JSON and TOML) and 
 headers (shards, legacy analysis, the fold's checkpoint reader, spec tensors), and tensor reads
 (whole, by rows) and raw byte-range copies from files cut short or changed under the reader.
 
-Contract: a parser returns, or raises one of our documented errors (lib.errors.TourGuideError
+Contract: a parser returns, or raises one of our documented errors (lib.core.errors.TourGuideError
 subclasses) — never another exception, a crash or a hang (each example runs under a SIGALRM
 watchdog). Examples are derandomized for a reproducible CI; TOURGUIDE_FUZZ_EXAMPLES=5000 runs a
 longer, random campaign. Bugs fuzzing found are kept as explicit @example regressions.

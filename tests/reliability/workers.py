@@ -1,9 +1,9 @@
 """Subprocess entry points for the reliability tests (so that a test can SIGKILL real work, or run
 two writers at once). Not collected by pytest. Run: `python -m tests.reliability.workers CMD …`
 
-    capture   --model DIR --out DIR --limit N [--batch-size B]    lib.capture.run_capture over samples/*
-    ledger    --path P --writer W --appends N --rows R            lib.ledgers.append_rows, N appends
-    fold      --model DIR --out DIR --spec transforms.json        lib.fold.fold_from_spec
+    capture   --model DIR --out DIR --limit N [--batch-size B]    lib.capture.run.run_capture over samples/*
+    ledger    --path P --writer W --appends N --rows R            lib.store.ledgers.append_rows, N appends
+    fold      --model DIR --out DIR --spec transforms.json        lib.fold.checkpoint.fold_from_spec
     catalogue --cases cases.json --results results.json           the bad-input table through flows.cli.main
     zygote                                                        imports torch once, then forks one child
                                                                   per JSON job read from stdin (see below)

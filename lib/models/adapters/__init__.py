@@ -29,6 +29,6 @@ def adapter_for_config(config: Any) -> ModelAdapter:
     if cls is None:
         raise BadInputError(
             f"config.model_type={model_type!r} is not supported; supported families: {sorted(ADAPTERS)}. "
-            "Add an adapter in lib/adapters/ for it."
+            "Add an adapter in lib/models/adapters/ for it."
         )
     return cls(cfg)
