@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output_dir)
     plan = plan_capture(spec, load_texts(args.text, args.text_file, limit=args.limit))
     if args.backend == "vllm":
-        from lib.capture.vllm_backend import require_vllm
+        from lib.capture.vllm_support import require_vllm
 
         require_vllm(spec, plan.hook_points)
     from flows.capture import capture_flow

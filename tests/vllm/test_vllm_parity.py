@@ -208,6 +208,7 @@ def test_no_captures_is_a_loud_error(captured, samples):
     import lib.capture.vllm_backend as vb
 
     from lib.capture.plan import plan_capture
+    from lib.capture.vllm_support import check_prompt_lengths
     from lib.core.errors import BadInputError
 
     family, _, _, hooks, vspec, _ = captured
@@ -217,7 +218,7 @@ def test_no_captures_is_a_loud_error(captured, samples):
     with pytest.raises(BadInputError, match="recorded nothing"):
         vb.drain_engine(engine, list(plan.items), {plan.items[0].capture_key: "0"})
     with pytest.raises(BadInputError, match="max_model_len"):
-        vb.check_prompt_lengths(list(plan.items), len(plan.items[0].token_ids))
+        check_prompt_lengths(list(plan.items), len(plan.items[0].token_ids))
     # A worker's own refusal travels back through collective_rpc as a BadInputError, and the
     # engine survives it (the next capture of this family still works: see the rerun test).
     with pytest.raises(BadInputError, match=r"refused.*has no module\(s\) \['model\.layers\.9'\]"):

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from lib.capture.vllm_backend import (
+from lib.capture.vllm_support import (
     check_prompt_lengths,
     check_vllm_hook_points,
     check_vllm_options,
@@ -25,7 +25,7 @@ from lib.core.errors import BadInputError
 
 
 def test_importing_the_backend_does_not_import_vllm():
-    code = "import sys, lib.capture.vllm_backend, lib.capture.vllm_worker; assert 'vllm' not in sys.modules, 'eager vllm import'"
+    code = "import sys, lib.capture.vllm_backend, lib.capture.vllm_support, lib.capture.vllm_worker; assert 'vllm' not in sys.modules, 'eager vllm import'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
