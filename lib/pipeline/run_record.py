@@ -46,6 +46,7 @@ def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
 
     ident = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESULT_NEUTRAL}
     ident["device"] = pick_device(cfg.device).split(":")[0]
+    ident["solve_permutations"] = cfg.permutations  # with pca_dim none are solved, whatever the flag says
     for side in ("teacher", "student"):
         ident[f"{side}_revision"] = resolve_model(getattr(cfg, side), hf_home=cfg.hf_home,
                                                   hf_hub_cache=cfg.hf_hub_cache).revision
