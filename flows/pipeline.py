@@ -66,7 +66,8 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     texts = [str(f) for f in sample_files(SAMPLES_DIR)]
     capture_kw = dict(text_files=texts, layers=plan["hooks"], dtype=config.dtype, device=config.device,
                       max_length=config.max_length, batch_size=config.batch_size, limit=config.limit,
-                      compute_dtype=config.compute_dtype, hf_home=config.hf_home, hf_hub_cache=config.hf_hub_cache)
+                      compute_dtype=config.compute_dtype, hf_home=config.hf_home, hf_hub_cache=config.hf_hub_cache,
+                      logits=False)  # the transports read activations only; QA captures its own logits
     indexes = {}
     for side, model in (("student", config.student), ("teacher", config.teacher)):
         out = str(acts / f"transport-{side}")
