@@ -35,7 +35,9 @@ def test_same_config_continues_and_a_different_one_is_refused(models, tmp_path):
     assert not claim_run(cfg(models, tmp_path, limit=8))["created"]
     # where things run and how work is split change no result
     claim_run(cfg(models, tmp_path, limit=8, batch_size=2, hf_home=str(tmp_path)))
-    with pytest.raises(BadInputError, match=r"different config .*\n  limit: 8 → 9\n  pca_dim: \(unset\) → 4\nFix: pick"):
+    # the permutations compare as solved: none are with pca_dim
+    with pytest.raises(BadInputError, match=r"different config .*\n  limit: 8 → 9\n  pca_dim: \(unset\) → 4\n"
+                                            r"  solve_permutations: true → false\nFix: pick"):
         claim_run(cfg(models, tmp_path, limit=9, pca_dim=4))
     # a checkpoint rewritten in place is another experiment
     (models[1] / "model.safetensors").write_bytes(b"new weights")
