@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from lib.core.flags import add_model_flags, given_flags, model_flags, validate_layers
@@ -67,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = config_from_args(args)
+    if cfg.use_deployments and not os.environ.get("PREFECT_API_URL"):
+        from lib.core.errors import BadInputError
+
+        raise BadInputError("--use-deployments runs capture and fold as gpu deployments, which needs a Prefect server "
+                            "with them deployed and gpu workers: export PREFECT_API_URL (README: Deployments), or leave "
+                            "the flag out to run every step in this process")
     pre = preflight(cfg)  # before Prefect starts: bad input costs a second, not a throwaway API
     models = [f"  {side}: {pre[side]['ref']} ({pre[side]['revision'][:23]})" for side in ("teacher", "student")]
     if args.dry_run:

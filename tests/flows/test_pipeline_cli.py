@@ -238,11 +238,13 @@ BAD = [
     (["--teacher", "{t}", "--student", "{wide}", "--pca-dim", "8", "--solve-permutations"], None, None),
     (["--teacher", "{t}", "--student", "{heads}"], BadInputError, r"query heads 8 vs 4.*--no-solve-permutations"),
     (["--teacher", "{t}", "--student", "{s}", "--runs-root", "{file}"], BadInputError, r"is a file, not a folder"),
+    (["--teacher", "{t}", "--student", "{s}", "--use-deployments"], BadInputError, r"needs a Prefect server"),
 ]
 
 
 @pytest.mark.parametrize("argv,exc,needle", BAD)
-def test_bad_input_is_refused_before_the_flow(make_tiny, tmp_path, argv, exc, needle):
+def test_bad_input_is_refused_before_the_flow(make_tiny, tmp_path, monkeypatch, argv, exc, needle):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
     (tmp_path / "bad.toml").write_text('teacherr = "x"\n')
     (tmp_path / "items.json").write_text('{"layers": ["model.layers.0", 3]}')
     (tmp_path / "a-file").write_text("")
