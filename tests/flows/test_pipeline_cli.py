@@ -219,7 +219,11 @@ def test_different_widths_align_in_pca_space_without_a_fold(prefect_harness, mak
         assert before == "—" and 0 < float(after) <= 1
     qa = qa_rows(out)
     assert set(qa) == {"teacher", "student-pca"}
-    assert 0 < float(qa["student-pca"][2]) <= 1, "hidden cosine through the PCA map"
+    # QA's cosine through the PCA map (its own captures, lib.qa.transports) agrees with the
+    # rotate step's cosine under the pooled map (lib.transport.pool), layer mean, same tokens
+    pooled = [float(g) for _, _, g in layer_rows(out).values()]
+    assert float(qa["student-pca"][2]) == pytest.approx(sum(pooled) / len(pooled), abs=2e-4)
+    assert float(qa["student-pca"][2]) < 0.99, "negative control: unrelated models stay apart"
     variants = json.loads((run_dir / "eval_config.json").read_text())["variants"]
     assert [v["transports"][0]["kind"] for v in variants] == ["pca_adapter"]
     assert not (run_dir / "rotations" / "permutations").exists(), "no permutations without a fold"
