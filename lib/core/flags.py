@@ -154,7 +154,7 @@ def add_model_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, m
             dflt = ""
         else:
             dflt = f"default: {_shown(f.default)}"
-        text = " ".join(x for x in (f.description, f"({dflt})" if dflt else "") if x)
+        text = " ".join(x for x in (f.description, f"({dflt})" if dflt else "") if x).replace("%", "%%")  # argparse formats help
         names = [f.flag]
         if f.kind == "bool":
             parser.add_argument(*names, dest=f.dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

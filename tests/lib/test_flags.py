@@ -22,7 +22,7 @@ class Sample(Options):
 
     name: str = Field(..., description="a required string")
     limit: int | None = Field(None, ge=1, description="an optional count")
-    ratio: float = Field(0.5, description="a number")
+    ratio: float = Field(0.5, description="a share (50% = 0.5)")
     on: bool = Field(True, description="a switch")
     layers: Seq[str] = Field((), description="a list")
     mode: one_of(("fast", "exact")) = Field("fast", description="a choice")
@@ -54,6 +54,7 @@ def test_each_kind_of_field_parses_to_its_type():
 def test_wrong_values_are_argparse_errors(argv, needle):
     p = argparse.ArgumentParser(prog="t")
     add_model_flags(p, Sample)
+    assert "50% = 0.5" in p.format_help()  # a '%' in a description is text, not a format
     err = io.StringIO()
     with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(err):
         p.parse_args(argv)
