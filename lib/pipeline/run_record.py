@@ -7,9 +7,10 @@ metrics). A different config under the same id would mix two experiments in one 
 `tourguide scaffold` refuses a changed corpus.
 
 Compared: every `PipelineConfig` field except `RESULT_NEUTRAL` (a field added later is compared
-unless it is listed there), plus what the fields point at — the resolved content revision of the
-teacher and the student (a checkpoint rewritten in place is a different experiment), and the kind
-of device (`auto` resolved; captures on CPU and CUDA round differently). Not compared
+unless it is listed there; `device` as written: `auto` is not resolved, since with deployments
+the flow runs on another machine than the command), plus what the fields point at — the resolved
+content revision of the teacher and the student (a checkpoint rewritten in place is a different
+experiment) — and the permutations as solved (none with `pca_dim`). Not compared
 (`RESULT_NEUTRAL`): where things run and how the work is split — none of them changes a number
 the run records:
 
@@ -42,10 +43,9 @@ RESULT_NEUTRAL = frozenset({"run_id", "runs_root", "batch_size", "hf_home", "hf_
 
 def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
     """What must match for a re-run under the same run id (see the module doc)."""
-    from lib.models.loading import pick_device, resolve_model
+    from lib.models.loading import resolve_model
 
     ident = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESULT_NEUTRAL}
-    ident["device"] = pick_device(cfg.device).split(":")[0]
     ident["solve_permutations"] = cfg.permutations  # with pca_dim none are solved, whatever the flag says
     for side in ("teacher", "student"):
         ident[f"{side}_revision"] = resolve_model(getattr(cfg, side), hf_home=cfg.hf_home,

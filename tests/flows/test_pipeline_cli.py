@@ -108,7 +108,7 @@ def test_flags_only_prints_the_summary_and_records_the_config(flags_run, pair):
     record = json.loads((run_dir / "pipeline.json").read_text())
     teacher, student = pair
     assert record["config"]["teacher"] == str(teacher) and record["config"]["limit"] == 8
-    assert record["config"]["max_length"] == 24 and record["compared"]["device"] == "cpu"
+    assert record["config"]["max_length"] == 24 and record["compared"]["device"] == "auto"
     assert record["compared"]["student_revision"].startswith("sha256:") and "batch_size" not in record["compared"]
 
 
