@@ -24,8 +24,9 @@ from flows.scaffold import scaffold_flow
 from lib.core.errors import TourGuideError
 from lib.fold.checkpoint import read_report
 from lib.pipeline.config import PipelineConfig
+from lib.pipeline.steps import FOLDED_NAME
 from lib.store.corpus import SAMPLES_DIR, sample_files
-from tasks.pipeline import eval_config_task, fold_inputs_task, mark_fold_task, plan_pipeline_task
+from tasks.pipeline import claim_run_task, eval_config_task, fold_inputs_task, mark_fold_task, plan_pipeline_task
 
 
 def _run_name() -> str:
@@ -56,6 +57,7 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     config = PipelineConfig.parse(config, "pipeline_flow config")
+    claim_run_task(config, label=config.run_id)  # one run id, one config (runs/<id>/pipeline.json)
     log = get_run_logger()
     run_dir = config.run_dir()
     scaffold = scaffold_flow(run_id=config.run_id, runs_root=config.runs_root)
@@ -63,7 +65,9 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     acts = run_dir / "activations"
     texts = [str(f) for f in sample_files(SAMPLES_DIR)]
     capture_kw = dict(text_files=texts, layers=plan["hooks"], dtype=config.dtype, device=config.device,
-                      max_length=config.max_length, batch_size=config.batch_size, limit=config.limit)
+                      max_length=config.max_length, batch_size=config.batch_size, limit=config.limit,
+                      compute_dtype=config.compute_dtype, hf_home=config.hf_home, hf_hub_cache=config.hf_hub_cache,
+                      logits=False)  # the transports read activations only; QA captures its own logits
     indexes = {}
     for side, model in (("student", config.student), ("teacher", config.teacher)):
         out = str(acts / f"transport-{side}")
@@ -75,21 +79,23 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
             indexes[side] = capture_flow(model=model, output_dir=out, **capture_kw)["index"]
     rotations = run_dir / "rotations"
     spec = run_dir / "transforms.json"
-    options = {"solve_permutations": config.solve_permutations, "exclude_position0": config.exclude_position0,
-               "pca_dim": config.pca_dim, "model_config": config.student}
+    options = {"solve_permutations": config.permutations, "exclude_position0": config.exclude_position0,
+               "pca_dim": config.pca_dim, "model_config": plan["student_dir"] or config.student}
     rot = rotate_flow(student_index=indexes["student"], teacher_index=indexes["teacher"], layers=plan["blocks"],
                       output_dir=str(rotations), ledger=str(run_dir / "ledgers" / "rotations"),
                       spec_out=str(spec), options=options, run_id=f"{config.run_id}-rotate")
-    folded = str(run_dir / "checkpoints" / "student-folded")
+    folded = str(run_dir / "checkpoints" / FOLDED_NAME)
     gate: dict[str, Any] | None = None
     if config.pca_dim is None:
-        inputs = fold_inputs_task(str(spec), config.student, folded, label=config.run_id)
+        inputs = fold_inputs_task(str(spec), config.student, folded, label=config.run_id, hf_home=config.hf_home,
+                                  hf_hub_cache=config.hf_hub_cache)
         if inputs["current"]:
             log.info("fold output %s is current (same spec, files and source): reused", folded)
             gate = read_report(folded).get("gate")
         else:
             params = {"checkpoint": config.student, "output_dir": folded, "spec": str(spec),
-                      "options": {"overwrite": True}, "label": f"{config.run_id}-student"}
+                      "options": {"overwrite": True}, "label": f"{config.run_id}-student", "hf_home": config.hf_home,
+                      "hf_hub_cache": config.hf_hub_cache}
             if config.use_deployments:
                 _child("fold/gpu", params, key=f"{flow_run.id}-fold")
                 gate = read_report(folded).get("gate")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from typing import Any
+
+from lib.pipeline.summary import format_summary  # shared with `tourguide pipeline` (imports nothing heavy)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,45 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=64, help="tokens per blurb")
     p.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (fewer, larger cached tasks)")
     p.set_defaults(func=run)
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4f}"
-    return str(v)
-
-
-def format_summary(s: dict[str, Any], seconds: float) -> str:
-    lines = [f"OfflineTourGuide demo — run {s['run_id']} ({s['run_dir']}), {seconds:.0f} s", ""]
-    rot = s["rotate"]
-    lines.append(f"Transports: {rot['n_tokens']} paired tokens from {rot['n_samples']} samples")
-    lines.append(f"  {'layer':<16} {'cos before':>10} {'cos after':>10} {'cos global':>10}")
-    for r in rot["layers"]:
-        lines.append(f"  {r['layer']:<16} {_fmt(r.get('cosine_before')):>10} {_fmt(r.get('cosine_after')):>10} "
-                     f"{_fmt(r.get('cosine_global')):>10}")
-    rec = s["recovery"]
-    lines += ["", "Recovery of the planted transforms (solved vs inverse of planted):",
-              f"  rotation: max |ΔQ| {_fmt(rec['rotation_max_abs_err'])}, relative ‖ΔQ‖_F {_fmt(rec['rotation_rel_fro_err'])}",
-              f"  head permutation accuracy {_fmt(rec['head_accuracy'])}, neuron permutation accuracy {_fmt(rec['neuron_accuracy'])}"]
-    g = s.get("gate") or {}
-    lines += ["", f"Equivalence gate ({g.get('status', 'not run')}): max|Δlogit| {_fmt(g.get('max_abs_logit_diff'))}, "
-                  f"mean KL {_fmt(g.get('mean_kl'))}, top-1 agreement {_fmt(g.get('top1_agreement'))}, "
-                  f"hidden cosine min {_fmt(g.get('hidden_cosine_min'))}"]
-    lines += ["", "QA (teacher vs each variant; hidden cosine = mean over layers, common basis):",
-              f"  {'variant':<18} {'logit KL':>10} {'surprisal':>10} {'hidden cos':>10} {'RMS ratio':>10}"]
-    for r in (s.get("qa") or {}).get("results", []):
-        h = r.get("headline", {})
-
-        def mean_of(prefix: str) -> float | None:
-            vals = [v for k, v in h.items() if k.startswith(prefix + "[")]
-            return sum(vals) / len(vals) if vals else h.get(prefix)
-
-        lines.append(f"  {r['variant']:<18} {_fmt(h.get('logit_kl')):>10} {_fmt(h.get('surprisal')):>10} "
-                     f"{_fmt(mean_of('hidden_state_cosine')):>10} {_fmt(mean_of('residual_rms_ratio')):>10}")
-    lines += ["", f"Report: {s.get('report')}"]
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:

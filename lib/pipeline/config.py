@@ -25,14 +25,20 @@ class PipelineConfig(Options):
     runs_root: PathStr = Field("runs", description="where run folders live")
     teacher: PathStr = Field(..., description="teacher checkpoint: local folder or cached hub id")
     student: PathStr = Field(..., description="student checkpoint: local folder or cached hub id")
+    hf_home: PathStr | None = Field(None, description="HF_HOME whose hub cache holds hub ids (its hub/ folder)")
+    hf_hub_cache: PathStr | None = Field(None, description="HF hub cache folder holding hub ids (overrides hf_home)")
     metrics: Seq[Metric] = Field(METRICS, description="QA metrics to compute")
-    dtype: Dtype = Field("float32", description="capture dtype")
+    dtype: Dtype = Field("float32", description="capture dtype (what the shards store; the fold keeps the "
+                                                "checkpoint's own dtype)")
+    compute_dtype: Dtype | None = Field(None, description="dtype of the capture forward passes (default: dtype); "
+                                                          "bfloat16 on a GPU, never on a CPU (~10x slower there)")
     device: str = Field("auto", description="cpu, cuda, … (auto: cuda when available)")
     max_length: int | None = Field(64, ge=1, description="tokens per sample (truncation recorded)")
     batch_size: int = Field(8, ge=1, description="samples per forward pass")
     limit: int | None = Field(None, ge=1, description="use only the first N blurbs of the corpus (smoke runs)")
     layers: Seq[str] = Field((), description="decoder blocks to align (default: all)")
-    solve_permutations: bool = Field(True, description="also solve GQA head and MLP neuron permutations")
+    solve_permutations: bool = Field(True, description="also solve GQA head and MLP neuron permutations (not with "
+                                                       "pca_dim: nothing is folded then)")
     exclude_position0: bool = Field(False, description="leave position-0 (attention-sink) tokens out of the statistics")
     pca_dim: int | None = Field(None, ge=1, description="PCA dimension when hidden sizes differ")
     use_deployments: bool = Field(False, description="run capture and fold as `gpu` deployments (run_deployment)")
@@ -44,3 +50,19 @@ class PipelineConfig(Options):
 
     def run_dir(self) -> Path:
         return Path(self.runs_root) / self.run_id
+
+    @property
+    def permutations(self) -> bool:
+        """Whether permutations are solved: they only matter for the fold, which PCA skips."""
+        return self.solve_permutations and self.pca_dim is None
+
+
+def default_run_id(teacher: str, student: str) -> str:
+    """`<student>-to-<teacher>` from the folder or hub names (a run id: letters, digits, . _ -), so
+    that re-running a pair without --run-id continues the same run."""
+    import re
+
+    def name(ref: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(ref.rstrip("/\\")).name or ref).strip("-._") or "model"
+
+    return f"{name(student)}-to-{name(teacher)}"[:128]

@@ -16,11 +16,11 @@ from lib.pipeline.config import PipelineConfig
 from lib.store.atomic import write_text_atomic
 
 
-def model_config_of(ref: str) -> dict[str, Any]:
+def model_config_of(ref: str, hf_home: str | None = None, hf_hub_cache: str | None = None) -> dict[str, Any]:
     """config.json of a local folder (or cached hub id) as a dict."""
     from lib.models.loading import read_config, resolve_model
 
-    return read_config(resolve_model(ref))
+    return read_config(resolve_model(ref, hf_home=hf_home, hf_hub_cache=hf_hub_cache))
 
 
 def transport_hook_points(config: dict[str, Any], layers: list[str], permutations: bool) -> list[str]:
@@ -39,20 +39,25 @@ def transport_hook_points(config: dict[str, Any], layers: list[str], permutation
     return hooks
 
 
-def plan_hooks(cfg: PipelineConfig) -> dict[str, list[str]]:
+def plan_hooks(cfg: PipelineConfig) -> dict[str, Any]:
     """The run's hook points (reads only the student's config.json): `hooks` to capture (blocks,
-    plus module inputs when permutations are solved) and `blocks` to align."""
-    student = model_config_of(cfg.student)
-    return {"hooks": transport_hook_points(student, list(cfg.layers), cfg.solve_permutations),
-            "blocks": transport_hook_points(student, list(cfg.layers), False)}
+    plus module inputs when permutations are solved), `blocks` to align, and `student_dir`, the
+    student's local folder (a cached hub id resolved; the permutation solver reads its config)."""
+    from lib.models.loading import resolve_model
+
+    ref = resolve_model(cfg.student, hf_home=cfg.hf_home, hf_hub_cache=cfg.hf_hub_cache)
+    student = model_config_of(ref.local_dir or cfg.student)
+    return {"hooks": transport_hook_points(student, list(cfg.layers), cfg.permutations),
+            "blocks": transport_hook_points(student, list(cfg.layers), False), "student_dir": ref.local_dir}
 
 
-def fold_inputs(spec: str | os.PathLike, student: str, output_dir: str | os.PathLike) -> dict[str, Any]:
+def fold_inputs(spec: str | os.PathLike, student: str, output_dir: str | os.PathLike, hf_home: str | None = None,
+                hf_hub_cache: str | None = None) -> dict[str, Any]:
     """{"digest", "current"}: whether `output_dir` already holds a gated fold of exactly these
     inputs (the spec, its files and the student's revision); then the pipeline reuses it."""
     from lib.models.loading import resolve_model
 
-    digest = spec_inputs_digest(spec, resolve_model(student).revision)
+    digest = spec_inputs_digest(spec, resolve_model(student, hf_home=hf_home, hf_hub_cache=hf_hub_cache).revision)
     return {"digest": digest, "current": fold_is_current(output_dir, digest)}
 
 
@@ -70,6 +75,7 @@ def spec_inputs_digest(spec_path: str | os.PathLike, source_revision: str) -> st
 
 
 FOLD_INPUTS_NAME = "pipeline_inputs.json"
+FOLDED_NAME = "student-folded"  # runs/<id>/checkpoints/<this>: the pipeline's fold output
 
 
 def fold_is_current(output_dir: str | os.PathLike, digest: str) -> bool:
@@ -87,19 +93,35 @@ def mark_fold_inputs(output_dir: str | os.PathLike, digest: str) -> None:
     write_text_atomic(Path(output_dir) / FOLD_INPUTS_NAME, json.dumps({"digest": digest}) + "\n")
 
 
+PCA_VARIANT = "student-pca"
+
+
 def write_eval_config(cfg: PipelineConfig, run_dir: Path, rotation_path: str | None, folded: str | None) -> Path:
     """The run's eval config: teacher vs {student-baseline, student-rotated (solved global Q
-    applied before comparing), student-folded}."""
-    variants: list[dict[str, Any]] = [{"name": "student-baseline", "path": cfg.student, "transports": []}]
-    if rotation_path:
-        variants.append({"name": "student-rotated", "path": cfg.student,
-                         "transports": [{"kind": "rotation", "path": rotation_path}]})
-    if folded:
-        variants.append({"name": "student-folded", "path": folded, "transports": []})
+    applied before comparing), student-folded}. With `pca_dim` (no fold; the widths may differ)
+    one variant instead, student-pca: the student through the solved PCA map (global.safetensors
+    as a `pca_adapter`), compared on the aligned layers (its means are per layer)."""
+    layers: list[str] = []
+    if cfg.pca_dim is not None:
+        if not rotation_path:
+            raise BadInputError(f"pca_dim {cfg.pca_dim}: the rotate step wrote no PCA map; re-run the pipeline")
+        from lib.store.safetensors_io import read_header
+
+        layers = json.loads(read_header(rotation_path).metadata.get("layers", "[]"))
+        variants: list[dict[str, Any]] = [{"name": PCA_VARIANT, "path": cfg.student,
+                                           "transports": [{"kind": "pca_adapter", "path": rotation_path}]}]
+    else:
+        variants = [{"name": "student-baseline", "path": cfg.student, "transports": []}]
+        if rotation_path:
+            variants.append({"name": "student-rotated", "path": cfg.student,
+                             "transports": [{"kind": "rotation", "path": rotation_path}]})
+        if folded:
+            variants.append({"name": "student-folded", "path": folded, "transports": []})
     body = {"run_id": cfg.run_id, "runs_root": cfg.runs_root, "teacher": {"name": "teacher", "path": cfg.teacher},
-            "variants": variants, "metrics": list(cfg.metrics), "dtype": cfg.dtype, "device": cfg.device,
-            "max_length": cfg.max_length, "batch_size": cfg.batch_size, "layers": [], "limit": cfg.limit,
-            "description": "written by the pipeline flow"}
+            "variants": variants, "metrics": list(cfg.metrics), "dtype": cfg.dtype,
+            "compute_dtype": cfg.compute_dtype, "device": cfg.device, "max_length": cfg.max_length,
+            "batch_size": cfg.batch_size, "layers": layers, "limit": cfg.limit, "hf_home": cfg.hf_home,
+            "hf_hub_cache": cfg.hf_hub_cache, "description": "written by the pipeline flow"}
     path = run_dir / "eval_config.json"
     write_text_atomic(path, json.dumps(body, indent=2) + "\n")
     return path

@@ -27,7 +27,7 @@ def tourguide(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
     res = tourguide("--help")
     assert res.returncode == 0
-    for cmd in ["capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa", "report", "demo"]:
+    for cmd in ["capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa", "report", "demo", "pipeline"]:
         assert cmd in res.stdout
     cap = tourguide("capture", "--help")
     assert "--no-logits" in cap.stdout and "--max-length" in cap.stdout and "--hf-hub-cache" in cap.stdout
@@ -36,7 +36,7 @@ def test_help_lists_every_command():
 # One flag (or phrase) only each command's own parser has: a placeholder parser has none of them.
 OWN_FLAG = {"capture": "--no-logits", "validate": "--quiet", "analyze": "legacy .pt", "rotate": "--solve-permutations",
             "fold": "--allow-inexact", "scaffold": "--prompts-dir", "qa": "--config", "report": "--run-id",
-            "demo": "--noise"}
+            "demo": "--noise", "pipeline": "--pca-dim"}
 
 
 def test_every_command_has_its_own_parser():

@@ -106,6 +106,14 @@ CASES: list[tuple[str, str, str, list[str], str]] = [
     # report
     ("report-run-not-scaffolded", "report --run-id nope --runs-root {W}/runs", "BadInputError", ["'nope'", "never scaffolded"], "a run id with no manifest"),
     ("report-run-id-escape", "report --run-id ../../etc --runs-root {W}/runs", "BadInputError", ["'../../etc'", "--run-id"], "a run id that would leave the runs root"),
+    # pipeline: flags, config files, models, the run's recorded config
+    ("pipeline-teacher-missing", "pipeline --student {M} --runs-root {W}/runs", "BadInputError", ["--teacher is required", "--config"], "no --teacher (flag or config key)"),
+    ("pipeline-config-unknown-key", "pipeline --config {W}/pipe/unknown_key.toml", "BadInputError", ["unknown_key.toml: limt: unknown key", "did you mean 'limit'"], "a misspelt key in the --config file"),
+    ("pipeline-limit-0", "pipeline --teacher {M} --student {M} --runs-root {W}/runs --limit 0", "BadInputError", ["command line: limit: must be >= 1"], "--limit 0"),
+    ("pipeline-bad-dtype", "pipeline --teacher {M} --student {M} --runs-root {W}/runs --dtype float8", "usage", ["--dtype", "float8"], "an unknown --dtype"),
+    ("pipeline-hub-id-offline", "pipeline --teacher Qwen/Qwen3-0.6B --student {M} --hf-hub-cache {W}/emptyhub --runs-root {W}/runs", "ModelLoadError", ["Qwen/Qwen3-0.6B", "{W}/emptyhub"], "a teacher hub id not in the offline cache"),
+    ("pipeline-widths-differ", "pipeline --teacher {M} --student {W}/ckpt-narrow --runs-root {W}/runs", "BadInputError", ["hidden size is 96 and the teacher's 128", "--pca-dim"], "a narrower student without --pca-dim"),
+    ("pipeline-config-changed", "pipeline --teacher {M} --student {M} --runs-root {W}/runs --run-id recorded --limit 9", "BadInputError", ["different config", "limit: 8 → 9", "--run-id"], "another config under a run id that recorded one"),
 ]
 
 # The bytes of a protocol-2 pickle calling os.system("touch <W>/pwned"), written by hand (no pickle module).
@@ -184,6 +192,16 @@ def build_world(w: Path, model: Path) -> None:
     }
     for name, text in specs.items():
         (run / name).write_text(text)
+    # pipeline: a config file with a misspelt key, a narrower student (config.json is all the
+    # checks read), and a run id that already recorded a config
+    (w / "pipe").mkdir()
+    (w / "pipe" / "unknown_key.toml").write_text(f'teacher = "{model}"\nstudent = "{model}"\nlimt = 3\n')
+    (w / "ckpt-narrow").mkdir()
+    (w / "ckpt-narrow" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 96}))
+    from lib.pipeline.config import PipelineConfig
+    from lib.pipeline.run_record import claim_run
+
+    claim_run(PipelineConfig(teacher=str(model), student=str(model), runs_root=str(w / "runs"), run_id="recorded", limit=8))
     # eval configs, and one scaffolded run for them to point at
     scaffold_run(ScaffoldSpec(run_id="r1", runs_root=str(w / "runs")))
     qa = w / "qa"
@@ -233,7 +251,7 @@ def outcomes(make_tiny, tmp_path_factory) -> dict[str, dict]:
 def test_the_catalogue_is_big_and_spans_every_command():
     assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
     commands = {c[1].split()[0] for c in CASES}
-    assert commands >= {"capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa", "report"}
+    assert commands >= {"capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa", "report", "pipeline"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
