@@ -18,6 +18,7 @@ from lib.transport.pool import pca_cosines, pool_rotation
 from lib.transport.record import fmt_value, record_rotation
 from lib.transport.solve import solve_layer
 from tasks.common import RETRY
+from tasks.names import path_key
 
 
 @task(name="rotate-plan", task_run_name="rotate-plan", cache_policy=NO_CACHE, **RETRY)
@@ -63,6 +64,7 @@ def record_rotation_task(plan: dict[str, Any], layer_results: list[dict[str, Any
     """Append the ledger rows, write --spec-out, post the table as a markdown artifact."""
     summary = record_rotation(RotationPlan.model_validate(plan), layer_results, pooled, cosines or [])
     create_markdown_artifact(markdown=f"# Rotations {summary['run_id']}\n\n```\n{summary['table']}\n```\n",
+                             key=path_key("rotations", plan.get("output_dir"), summary["run_id"]),
                              description=f"rotate {summary['run_id']}")
     return summary
 

@@ -19,8 +19,10 @@ Figures use matplotlib's Agg backend (no display needed); every file is written 
 
 from __future__ import annotations
 
+import base64
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,11 @@ from pydantic import model_serializer
 from lib.core.options import Model
 from lib.qa.metric_names import SUMMARY_METRICS, LAYER_METRICS, layer_sort_key
 from lib.qa.plots import plot_cosines, plot_rms, plot_trends
+from lib.qa.provenance import checkpoint_rows, provenance_rows, read_models
 from lib.store.atomic import write_text_atomic
 from lib.store.runs import ROTATIONS_LEDGER, load_run
 
 REPORT_NAME = "report.md"
-
-
 
 
 # Per-layer metrics appear in the summary as their mean over layers.
@@ -44,6 +45,15 @@ SUMMARY_LABELS = {"hidden_state_cosine": "hidden_state_cosine (layer mean)",
 
 
 FIGURES = {"trends": "metric_trends.png", "cosine": "cosine_per_layer.png", "rms": "residual_rms.png"}
+
+
+# Per-layer tables show at most this many variants side by side (more: several tables). Prefect's
+# UI lets a wide markdown table run under its side panel; the full table is a table artifact.
+MAX_VARIANT_COLUMNS = 6
+
+
+def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)] or [[]]
 
 
 class ReportResult(Model):
@@ -235,15 +245,17 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
     result = ReportResult(report_path=str(run_dir / REPORT_NAME), run_id=run_id, latest_night=latest,
                           previous_night=previous, n_rows=int(len(df)))
     md = [f"# QA report — run `{run_id}`", ""]
-    tok = man.get("tokenizer") or {}
+    models = read_models(run_dir)
     md += [md_table(["field", "value"], [
         ["created", man.get("created_at")], ["project commit", man.get("git_commit")],
         ["dataset snapshot", f"`{info.snapshot_digest}` ({man.get('n_blurbs')} blurbs, {man.get('n_prompt_files')} prompt files)"],
-        ["tokenizer", f"{tok.get('name') or '—'} {tok.get('version') or ''}".strip()],
-        ["teacher commit", man.get("teacher_commit") or "—"], ["student commit", man.get("student_commit") or "—"],
+        *provenance_rows(man, models),
         ["latest night", latest or "—"], ["previous night", previous or "—"],
         ["nights in ledger", len(nights)], ["ledger rows (latest per night)", len(df)],
     ]), ""]
+    if models:
+        md += [f"## Checkpoints (QA night {models.get('night')})", "",
+               md_table(["model", "checkpoint", "revision"], checkpoint_rows(models)), ""]
     if failures:
         md += ["## Failed variants (latest QA run)", "",
                "These variants have no rows for this QA run; the other variants' rows are kept.", ""]
@@ -287,8 +299,9 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
                 continue
             cols = [v for v in variants if any(v in vals for vals in table.values())]
             result.per_layer[metric] = [{"layer": la, **{v: vals.get(v) for v in cols}} for la, vals in table.items()]
-            md += [f"### {metric}", "", md_table(["layer"] + cols, [[la] + [vals.get(v) for v in cols]
-                                                                    for la, vals in table.items()]), ""]
+            md += [f"### {metric}", ""]
+            for part in chunks(cols, MAX_VARIANT_COLUMNS):  # narrow tables: the UI's markdown view does not scroll
+                md += [md_table(["layer"] + part, [[la] + [vals.get(v) for v in part] for la, vals in table.items()]), ""]
     if not rotations.empty:
         md += ["## Rotations (latest rotate run in the rotations ledger)", "",
                md_table(["layer", "kind", "tokens", "cosine before", "cosine after (per layer)", "cosine after (global)"],
@@ -316,3 +329,20 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
         md += ["No figures yet (no metrics or rotations recorded).", ""]
     write_text_atomic(result.report_path, "\n".join(md).rstrip() + "\n")
     return result
+
+
+_FIGURE_LINK = re.compile(r"!\[([^\]]*)\]\((figures/[A-Za-z0-9_.-]+\.png)\)")
+
+
+def embed_figures(markdown: str, run_dir: str | os.PathLike) -> str:
+    """report.md with each figure link replaced by the PNG itself as a data URI: Prefect's UI
+    cannot reach the run folder, and both of its UIs (/ and /v2) render `data:image/png` images.
+    A figure file that is gone keeps its link."""
+    def embed(m: re.Match[str]) -> str:
+        try:
+            data = (Path(run_dir) / m.group(2)).read_bytes()
+        except OSError:
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})"
+
+    return _FIGURE_LINK.sub(embed, markdown)
