@@ -56,40 +56,57 @@ def read_models(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def provenance_rows(manifest: dict[str, Any], models: dict[str, Any] | None) -> list[list[str]]:
-    """The report's [field, value] rows: tokenizer, teacher commit, student commit."""
+def provenance_rows(manifest: dict[str, Any], models: dict[str, Any] | None) -> tuple[list[list[str]], str | None]:
+    """The report's [field, value] rows (tokenizer, teacher commit, student commit; revisions cut
+    to 12 hex digits) and a note saying which came from the checkpoints (None: all from flags)."""
     models = models or {}
     teacher = models.get("teacher") or {}
     variants = models.get("variants") or []
-    night = models.get("night")
-
-    def from_checkpoint(model: dict[str, Any]) -> str:
-        return f" (from the {model.get('name')} checkpoint, QA night {night})"
-
+    student = variants[0] if variants else {}
+    derived: list[str] = []
     tok = manifest.get("tokenizer") or {}
     ttok = teacher.get("tokenizer") or {}
     if tok.get("name") or tok.get("version"):
         tokenizer = " ".join(str(x) for x in (tok.get("name"), tok.get("version")) if x)
     elif ttok.get("name"):
-        cls = f", {ttok['class']}" if ttok.get("class") else ""
-        tokenizer = f"{ttok['name']} {ttok.get('version') or ''}".strip() + cls + from_checkpoint(teacher)
+        tokenizer = " @ ".join(x for x in (ttok["name"], short_revision(ttok.get("version"))) if x)
+        derived.append("tokenizer (the teacher's)")
     else:
         tokenizer = "—"
 
-    def commit(flag: Any, model: dict[str, Any]) -> str:
+    def commit(flag: Any, model: dict[str, Any], what: str) -> str:
         if flag:
             return str(flag)
-        return f"{model['revision']}{from_checkpoint(model)}" if model.get("revision") else "—"
+        if model.get("revision"):
+            derived.append(f"{what} ({model.get('name')})")
+            return short_revision(model["revision"]) or "—"
+        return "—"
 
-    return [["tokenizer", tokenizer], ["teacher commit", commit(manifest.get("teacher_commit"), teacher)],
-            ["student commit", commit(manifest.get("student_commit"), variants[0] if variants else {})]]
+    rows = [["tokenizer", tokenizer], ["teacher commit", commit(manifest.get("teacher_commit"), teacher, "teacher commit")],
+            ["student commit", commit(manifest.get("student_commit"), student, "student commit")]]
+    note = None
+    if derived:
+        note = (f"From the checkpoints of QA night {models.get('night')} (no scaffold flag gave them): "
+                f"{', '.join(derived)}; full revisions in `{QA_MODELS_NAME}`.")
+    return rows, note
+
+
+def short_revision(revision: str | None) -> str | None:
+    """A commit or `sha256:` digest cut to 12 hex digits, as git shows commits: narrow tables
+    stay narrow (a long unbreakable hash runs out of its cell in Prefect's UI)."""
+    if not revision:
+        return revision
+    prefix, _, tail = revision.rpartition(":")
+    return (f"{prefix}:" if prefix else "") + tail[:12]
 
 
 def checkpoint_rows(models: dict[str, Any] | None) -> list[list[Any]]:
-    """[model, checkpoint, revision] per model of the latest QA night (teacher first)."""
+    """[model, short revision, checkpoint] per model of the latest QA night (teacher first);
+    the full revisions are in qa_models.json."""
     if not models:
         return []
     out = []
     for m in [models.get("teacher") or {}, *(models.get("variants") or [])]:
-        out.append([m.get("name"), f"`{m.get('path')}`", m.get("revision") or f"unresolved: {m.get('error', '')[:120]}"])
+        rev = short_revision(m.get("revision")) or f"unresolved: {str(m.get('error', ''))[:120]}"
+        out.append([m.get("name"), rev, f"`{m.get('path')}`"])
     return out

@@ -32,7 +32,7 @@ from pydantic import model_serializer
 from lib.core.options import Model
 from lib.qa.metric_names import SUMMARY_METRICS, LAYER_METRICS, layer_sort_key
 from lib.qa.plots import plot_cosines, plot_rms, plot_trends
-from lib.qa.provenance import checkpoint_rows, provenance_rows, read_models
+from lib.qa.provenance import checkpoint_rows, provenance_rows, read_models, short_revision
 from lib.store.atomic import write_text_atomic
 from lib.store.runs import ROTATIONS_LEDGER, load_run
 
@@ -49,7 +49,7 @@ FIGURES = {"trends": "metric_trends.png", "cosine": "cosine_per_layer.png", "rms
 
 # Per-layer tables show at most this many variants side by side (more: several tables). Prefect's
 # UI lets a wide markdown table run under its side panel; the full table is a table artifact.
-MAX_VARIANT_COLUMNS = 6
+MAX_VARIANT_COLUMNS = 4
 
 
 def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
@@ -211,6 +211,13 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def change_cell(c: Mapping[str, Any]) -> str:
+    """'0.25 (+125.00%)': the delta and, when defined, its size relative to the previous night."""
+    if c["delta"] is None:
+        return "—"
+    return fmt(c["delta"]) + ("" if c["relative"] is None else f" ({100 * c['relative']:+.2f}%)")
+
+
 def compare_nights(now: Mapping[str, Mapping[str, float]], before: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
     """One row per (variant, summary metric) present either night: previous, latest, delta, status."""
     rows = []
@@ -246,16 +253,21 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
                           previous_night=previous, n_rows=int(len(df)))
     md = [f"# QA report — run `{run_id}`", ""]
     models = read_models(run_dir)
+    origin, note = provenance_rows(man, models)
+    # Short values: Prefect's UI keeps a table inside its column, so a long one scrolls or spills.
     md += [md_table(["field", "value"], [
-        ["created", man.get("created_at")], ["project commit", man.get("git_commit")],
-        ["dataset snapshot", f"`{info.snapshot_digest}` ({man.get('n_blurbs')} blurbs, {man.get('n_prompt_files')} prompt files)"],
-        *provenance_rows(man, models),
+        ["created", man.get("created_at")], ["project commit", short_revision(man.get("git_commit"))],
+        ["dataset snapshot", f"`{short_revision(info.snapshot_digest)}` ({man.get('n_blurbs')} blurbs, "
+                             f"{man.get('n_prompt_files')} prompt files)"],
+        *origin,
         ["latest night", latest or "—"], ["previous night", previous or "—"],
         ["nights in ledger", len(nights)], ["ledger rows (latest per night)", len(df)],
     ]), ""]
+    if note:
+        md += [note, ""]
     if models:
         md += [f"## Checkpoints (QA night {models.get('night')})", "",
-               md_table(["model", "checkpoint", "revision"], checkpoint_rows(models)), ""]
+               md_table(["model", "revision", "checkpoint"], checkpoint_rows(models)), ""]
     if failures:
         md += ["## Failed variants (latest QA run)", "",
                "These variants have no rows for this QA run; the other variants' rows are kept.", ""]
@@ -288,9 +300,8 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
             before = summary_values(df[df.night == previous])
             result.changes = compare_nights(now, before)
             md += [f"Night {previous} → {latest}.", ""]
-            md += [md_table(["variant", "metric", previous, latest, "Δ", "Δ relative", "status"],
-                            [[c["variant"], c["metric"], c["previous"], c["latest"], c["delta"],
-                              None if c["relative"] is None else f"{100 * c['relative']:+.2f}%", c["status"]]
+            md += [md_table(["variant", "metric", previous, latest, "Δ (relative)", "status"],
+                            [[c["variant"], c["metric"], c["previous"], c["latest"], change_cell(c), c["status"]]
                              for c in result.changes]), ""]
         md += ["## Per-layer metrics", ""]
         for metric in LAYER_METRICS:
