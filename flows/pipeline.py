@@ -29,6 +29,7 @@ from lib.pipeline.config import PipelineConfig
 from lib.store.corpus import SAMPLES_DIR, sample_files
 from tasks.names import artifact_key
 from tasks.pipeline import eval_config_task, fold_inputs_task, mark_fold_task, plan_pipeline_task
+from tasks.rotate import rotation_markdown
 
 
 def _run_name() -> str:
@@ -96,7 +97,7 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
                "gate": gate, "eval_config": eval_path, "qa": qa,
                "report": (qa.get("report") or {}).get("report_path")}
     create_markdown_artifact(key=artifact_key("pipeline", config.run_id),
-                             markdown=f"# Pipeline {config.run_id}\n\n```\n{rot['table']}\n```\n\n"
-                                      f"Gate: `{(gate or {}).get('status')}`  \nReport: `{summary['report']}`\n",
+                             markdown=f"# Pipeline {config.run_id}\n\nGate: `{(gate or {}).get('status')}`  \n"
+                                      f"Report: `{summary['report']}`\n\n" + "#" + rotation_markdown(rot),
                              description=f"pipeline summary for run {config.run_id}")
     return summary

@@ -82,7 +82,15 @@ function measure() {
              // v1 keeps a wide table inside a box of its own that scrolls sideways: allowed, but counted
              scrollsInBox: !!sc && sc.tagName !== 'MAIN' && sc.scrollWidth > sc.clientWidth + 1 };
   });
-  return { imgs, tables, panelLeft, viewport: vw, pageScrollWidth: document.documentElement.scrollWidth,
+  // Fixed-width blocks (```…```): they may scroll inside their own box, never spill past the column.
+  const pres = [...document.querySelectorAll('pre')].map((e) => {
+    const sc = getComputedStyle(e).overflowX === 'visible' ? scroller(e) : e;
+    const r = e.getBoundingClientRect();
+    const visibleRight = Math.min(Math.max(r.right, e.scrollWidth + r.left), sc ? sc.getBoundingClientRect().right : vw);
+    return { width: Math.round(r.width), scrollWidth: e.scrollWidth, visibleRight: Math.round(visibleRight),
+             limit: limitOf(e), overflows: visibleRight > limitOf(e) + 1, scrollsInBox: sc === e && e.scrollWidth > e.clientWidth + 1 };
+  });
+  return { imgs, tables, pres, panelLeft, viewport: vw, pageScrollWidth: document.documentElement.scrollWidth,
            pageOverflowsX: document.documentElement.scrollWidth > vw + 1 };
 }
 
@@ -117,6 +125,9 @@ for (const p of spec.pages) {
   }
   for (const t of m.tables) {
     if (t.overflows) problems.push(`a ${t.cols}-column table reaches ${t.visibleRight}px, past its column (${t.limit}px)`);
+  }
+  for (const b of m.pres) {
+    if (b.overflows) problems.push(`a code block reaches ${b.visibleRight}px, past its column (${b.limit}px)`);
   }
   if (m.pageOverflowsX) problems.push(`the page scrolls sideways (${m.pageScrollWidth} > ${m.viewport})`);
   // A negative control passes when the check flags it.

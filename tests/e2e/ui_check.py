@@ -51,6 +51,8 @@ def pages(fixture: dict) -> list[dict]:
         {"name": "v2-table", "path": f"/v2/artifacts/artifact/{table}", "ready": ["model.layers.0"]},
         {"name": "v1-flow-run", "path": f"/runs/flow-run/{fixture['flow_run_id']}", "ready": [fixture["flow_run_name"]]},
         {"name": "v1-artifacts", "path": "/artifacts", "ready": [f"qa-report-{run_id}"]},
+        {"name": "v1-rotations", "path": f"/artifacts/artifact/{fixture['rotations']}", "ready": ["L23"]},
+        {"name": "v2-rotations", "path": f"/v2/artifacts/artifact/{fixture['rotations']}", "ready": ["L23"]},
         # negative controls: the check must flag these (a broken image; a table under the side panel)
         {"name": "v1-control", "path": f"/artifacts/artifact/{fixture['control']}", "ready": ["layer_15_metric"],
          "images": True, "expect_problems": True},

@@ -93,13 +93,25 @@ def main(argv: list[str]) -> None:
     state = report_flow(run_id=run_id, runs_root=str(runs_root), return_state=True)
     from prefect.artifacts import create_markdown_artifact
 
+    from lib.transport.record import format_rotation_table
+    from tasks.names import path_key
+    from tasks.rotate import rotation_markdown
+
+    merged = [dict(r, cosine_after=0.999, fit_residual=0.01, fit_residual_global=0.02, top_singular_values=[812.5],
+                   permutations={"heads_mean_similarity": 0.98, "mlp_mean_correlation": 0.97})
+              for r in rotation_rows(run_id)]
+    rotations = create_markdown_artifact(
+        markdown=rotation_markdown({"run_id": f"{run_id}-rotate", "layers": merged,
+                                    "table": format_rotation_table(merged) + "\n12788 paired tokens from 200 sample(s)"}),
+        key=path_key("rotations", str(runs_root / run_id / "rotations")), description="the rotate flow's table")
     control = create_markdown_artifact(markdown=control_markdown(), key="ui-check-control",
                                        description="negative control of the UI check: must be flagged")
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     print(json.dumps({"flow_run_id": str(run.id), "flow_run_name": run.name, "state": state.type.value,
-                      "artifacts": {a.key: str(a.id) for a in arts if a.key}, "control": str(control)}))
+                      "artifacts": {a.key: str(a.id) for a in arts if a.key}, "control": str(control),
+                      "rotations": str(rotations)}))
 
 
 if __name__ == "__main__":

@@ -144,3 +144,22 @@ def test_names_of_real_runs_read_back(prefect_harness, tmp_path):
     with get_client(sync_client=True) as client:
         got = [client.read_flow_run(s.state_details.flow_run_id).name for s in states]
     assert got == ["capture-r7-student", "qa-r7"]
+
+
+def test_rotation_artifact_is_a_narrow_table():
+    """The rotate flow's artifact: every layer's cosines as a markdown table of at most 8 columns
+    (the text table is ~140 characters: Prefect's UI cuts a code block to its column)."""
+    from lib.transport.record import format_rotation_table
+    from tasks.rotate import rotation_markdown
+
+    rows = [dict(layer=f"model.layers.{i}", kind="procrustes", n_tokens=10, d_student=8, d_teacher=8,
+                 cosine_before=0.1 * i, cosine_after=0.99, cosine_global=0.98, fit_residual=0.1,
+                 fit_residual_global=0.25, dist_to_global=0.3, top_singular_values=[1.0],
+                 permutations={"heads_mean_similarity": 0.9, "mlp_mean_correlation": 0.8}) for i in range(11)]
+    md = rotation_markdown({"run_id": "x", "layers": rows, "table": format_rotation_table(rows) + "\nnote one"})
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
+    assert len(cells[0]) == 8 and all(len(c) == 8 for c in cells)  # no stray pipe splits a row
+    assert [c[0] for c in cells[2:]] == [f"L{i:02d}" for i in range(11)]
+    assert [float(c[1]) for c in cells[2:]] == pytest.approx([0.1 * i for i in range(11)], abs=5e-5)
+    assert "- note one" in md and "```" not in md
