@@ -14,12 +14,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm.auto import tqdm
 
+from flows.hooks import log_failure
 from lib.capture.plan import batches_by_length
 from lib.capture.spec import CaptureSpec
 from lib.core.errors import ChecksumError
 from lib.store.corpus import SAMPLES_DIR, load_texts
 from lib.store.staging import check_output_dir
-from tasks.capture import capture_batch, missing_items_task, model_slug, plan_capture_task
+from tasks.capture import capture_batch, missing_items_task, plan_capture_task
+from tasks.names import capture_run_name, model_slug, path_key
 from tasks.validate import validate_shards
 
 
@@ -28,13 +30,7 @@ def _label(model: str, batch: list[dict[str, Any]]) -> str:
     return f"{model_slug(model)}-s{first:04d}" + (f"+{len(batch) - 1}" if len(batch) > 1 else "")
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    return f"capture-{model_slug(flow_run.parameters.get('model', 'model'))}"
-
-
-@flow(name="capture", flow_run_name=_run_name, log_prints=False)
+@flow(name="capture", flow_run_name=capture_run_name, log_prints=False, on_failure=[log_failure])
 def capture_flow(model: str, output_dir: str = "activations", texts: list[str] | None = None,
                  text_files: list[str] | None = None, layers: list[str] | None = None, dtype: str = "float32",
                  compute_dtype: str | None = None, device: str = "auto", max_length: int | None = None,
@@ -58,7 +54,8 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
     out.mkdir(parents=True, exist_ok=True)
     items, hooks, digest = plan["items"], plan["hook_points"], plan["config_digest"]
     batches_d = [[asdict(it) for it in b] for b in batches_by_length(_objs(items), batch_size)]
-    artifact = create_progress_artifact(progress=0.0, description=f"capture {model} → {out}")
+    artifact = create_progress_artifact(progress=0.0, key=path_key("capture-progress", output_dir, model_slug(model)),
+                                        description=f"capture {model} → {out}")
     # One hashing pass up front: the samples whose shard is absent, gone or corrupt. A cache hit
     # only proves that a batch ran once, so a batch holding such a sample bypasses the cache;
     # inside it, samples that still have a valid shard are not recomputed.

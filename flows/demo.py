@@ -13,7 +13,7 @@ from prefect import flow
 from flows.pipeline import pipeline_flow
 from lib.demo.teacher import DemoRecipe
 from lib.pipeline.config import PipelineConfig
-from tasks.demo import demo_teacher_task, plant_student_task, recovery_task
+from tasks.demo import demo_teacher_task, link_teacher_task, plant_student_task, recovery_task
 
 
 # validate_parameters=False: `recipe` is validated by DemoRecipe.parse (a BadInputError naming the
@@ -24,9 +24,13 @@ def demo_flow(run_id: str = "demo", runs_root: str = "runs", noise: float = 0.01
               recipe: DemoRecipe | None = None) -> dict[str, Any]:
     """Build/reuse the teacher, plant a student, run the pipeline; return its summary plus recovery."""
     recipe = DemoRecipe.parse(recipe or {}, "demo_flow recipe")
-    teacher = demo_teacher_task(recipe.model_dump(mode="json"))
-    student = str(Path(runs_root) / run_id / "checkpoints" / "student")
-    plant_student_task(teacher, student, seed, noise)
+    cached = demo_teacher_task(recipe.model_dump(mode="json"))
+    checkpoints = Path(runs_root) / run_id / "checkpoints"
+    # The run names the teacher by its own path (a link to the cache): runs/demo/eval_config.json
+    # (the nightly QA config) and the pipeline deployment's defaults find it there.
+    teacher = link_teacher_task(cached, str(checkpoints / "teacher"))
+    student = str(checkpoints / "student")
+    plant_student_task(cached, student, seed, noise)
     cfg = PipelineConfig(run_id=run_id, runs_root=runs_root, teacher=teacher, student=student, limit=limit,
                          max_length=max_length, batch_size=batch_size)
     summary = pipeline_flow(cfg)

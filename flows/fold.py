@@ -11,23 +11,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.hooks import log_failure
 from lib.fold.gate import GateOptions
 from lib.fold.options import FoldOptions
 from tasks.fold import gate_folded_checkpoint, validate_fold_spec, write_folded_checkpoint
-
-
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    params = flow_run.parameters
-    return f"fold-{params.get('label') or Path(params['output_dir']).name}"
+from tasks.names import fold_run_name
 
 
 # validate_parameters=False: `options` / `gate_options` are validated below by the models' own
 # parse, whose errors are BadInputErrors naming the key ("fold_flow options: overwrit: unknown key
 # (did you mean 'overwrite'?) …"); Prefect's check would raise a ParameterTypeError instead. The
 # parameters stay typed as the models, so the UI renders them as forms (unknown keys refused).
-@flow(name="fold", flow_run_name=_run_name, log_prints=False, validate_parameters=False)
+@flow(name="fold", flow_run_name=fold_run_name, log_prints=False, validate_parameters=False, on_failure=[log_failure])
 def fold_flow(checkpoint: str, output_dir: str, spec: str, options: FoldOptions | None = None,
               gate_options: GateOptions | None = None, allow_inexact: bool = False,
               allow_outside_paths: bool = False, revision: str | None = None, hf_home: str | None = None,

@@ -3,9 +3,10 @@
 
 Run it: `tourguide demo` (a planted student), or from Python:
     pipeline_flow(PipelineConfig(teacher="…", student="…", run_id="x"))
-Locally every step runs in-process. With `use_deployments`, capture and fold run as the `gpu`
-deployments (`capture/gpu`, `fold/gpu`) through `run_deployment`; results travel as files and
-ledgers, and each child gets an idempotency key so a retried parent starts no duplicates.
+In-process every step runs in this process. With `use_deployments` ("auto": when this run came
+from a deployment, flows.placement), capture (QA's too) and fold run as the `gpu` deployments
+(`capture/gpu`, `fold/gpu`) through `run_deployment`; results travel as files and ledgers, and
+each child gets an idempotency key so a retried parent starts no duplicates.
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.hooks import log_failure
 from flows.capture import capture_flow
 from flows.fold import fold_flow
+from flows.placement import deployments_wanted, run_child
 from flows.qa import qa_flow
 from flows.rotate import rotate_flow
 from flows.scaffold import scaffold_flow
-from lib.core.errors import TourGuideError
 from lib.fold.checkpoint import read_report
 from lib.pipeline.config import PipelineConfig
 from lib.pipeline.steps import FOLDED_NAME
 from lib.store.corpus import SAMPLES_DIR, sample_files
+from tasks.names import artifact_key
 from tasks.pipeline import claim_run_task, eval_config_task, fold_inputs_task, mark_fold_task, plan_pipeline_task
+from tasks.rotate import rotation_markdown
 
 
 def _run_name() -> str:
@@ -37,21 +41,10 @@ def _run_name() -> str:
     return f"pipeline-{run_id or 'run'}"
 
 
-def _child(deployment: str, parameters: dict[str, Any], key: str) -> None:
-    """Run a `gpu` deployment and wait; the idempotency key makes a retried parent reuse the
-    child run instead of starting a second one."""
-    from prefect.deployments import run_deployment
-
-    run = run_deployment(deployment, parameters=parameters, idempotency_key=key, timeout=None)
-    if not run.state or not run.state.is_completed():
-        raise TourGuideError(f"deployment {deployment} run {run.name} ended {run.state and run.state.name}; "
-                             f"see it in the Prefect UI")
-
-
 # validate_parameters=False: `config` is validated by PipelineConfig.parse below, whose errors are
 # BadInputErrors naming the key ("pipeline_flow config: teacherr: unknown key …"); Prefect's own
 # check would raise a ParameterTypeError instead. The UI still renders the model as a form.
-@flow(name="pipeline", flow_run_name=_run_name, log_prints=False, validate_parameters=False)
+@flow(name="pipeline", flow_run_name=_run_name, log_prints=False, validate_parameters=False, on_failure=[log_failure])
 def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     """Run the whole pipeline for `config`; returns the paths and summaries of every step."""
     from prefect.runtime import flow_run
@@ -59,6 +52,7 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     config = PipelineConfig.parse(config, "pipeline_flow config")
     claim_run_task(config, label=config.run_id)  # one run id, one config (runs/<id>/pipeline.json)
     log = get_run_logger()
+    on_gpu_pool = deployments_wanted(config.use_deployments)
     run_dir = config.run_dir()
     scaffold = scaffold_flow(run_id=config.run_id, runs_root=config.runs_root)
     plan = plan_pipeline_task(config, label=config.run_id)
@@ -71,9 +65,9 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     indexes = {}
     for side, model in (("student", config.student), ("teacher", config.teacher)):
         out = str(acts / f"transport-{side}")
-        if config.use_deployments:
-            _child("capture/gpu", {"model": model, "output_dir": out, **capture_kw},
-                   key=f"{flow_run.id}-capture-{side}")
+        if on_gpu_pool:
+            run_child("capture/gpu", {"model": model, "output_dir": out, **capture_kw},
+                      key=f"{flow_run.id}-capture-{side}")
             indexes[side] = str(Path(out) / "metadata.jsonl")
         else:
             indexes[side] = capture_flow(model=model, output_dir=out, **capture_kw)["index"]
@@ -96,20 +90,20 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
             params = {"checkpoint": config.student, "output_dir": folded, "spec": str(spec),
                       "options": {"overwrite": True}, "label": f"{config.run_id}-student", "hf_home": config.hf_home,
                       "hf_hub_cache": config.hf_hub_cache}
-            if config.use_deployments:
-                _child("fold/gpu", params, key=f"{flow_run.id}-fold")
+            if on_gpu_pool:
+                run_child("fold/gpu", params, key=f"{flow_run.id}-fold")
                 gate = read_report(folded).get("gate")
             else:
                 gate = fold_flow(**params)["gate"]
             mark_fold_task(folded, inputs["digest"], label=config.run_id)
     eval_path = eval_config_task(config, rot["global"].get("rotation_path"), folded if gate else None, label=config.run_id)
-    qa = qa_flow(config=eval_path)
+    qa = qa_flow(config=eval_path, use_deployments=on_gpu_pool)
     summary = {"run_id": config.run_id, "run_dir": str(run_dir), "scaffold": scaffold, "indexes": indexes,
                "rotate": {k: rot[k] for k in ("layers", "global", "spec", "table", "n_tokens", "n_samples")},
                "gate": gate, "eval_config": eval_path, "qa": qa,
                "report": (qa.get("report") or {}).get("report_path")}
-    create_markdown_artifact(key=f"pipeline-{config.run_id}".lower().replace("_", "-"),
-                             markdown=f"# Pipeline {config.run_id}\n\n```\n{rot['table']}\n```\n\n"
-                                      f"Gate: `{(gate or {}).get('status')}`  \nReport: `{summary['report']}`\n",
+    create_markdown_artifact(key=artifact_key("pipeline", config.run_id),
+                             markdown=f"# Pipeline {config.run_id}\n\nGate: `{(gate or {}).get('status')}`  \n"
+                                      f"Report: `{summary['report']}`\n\n" + "#" + rotation_markdown(rot),
                              description=f"pipeline summary for run {config.run_id}")
     return summary

@@ -14,28 +14,30 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.hooks import log_failure
 from flows.capture import capture_flow
+from flows.placement import AUTO, UseDeployments, deployments_wanted, run_child
 from flows.report import report_flow
 from lib.core.errors import TourGuideError
+from tasks.names import qa_run_name
 from tasks.qa import load_eval_config_task, prepare_qa_task, publish_qa_summary_task, record_metrics_task
 from tasks.validate import validate_shards
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    night = flow_run.parameters.get("night")
-    return f"qa-{Path(str(flow_run.parameters.get('config', 'config'))).stem}" + (f"-{night}" if night else "")
-
-
-@flow(name="qa", flow_run_name=_run_name, log_prints=False)
-def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on_failure: bool = True) -> dict[str, Any]:
-    """QA every variant of the eval config at `config` against its teacher.
+@flow(name="qa", flow_run_name=qa_run_name, log_prints=False, on_failure=[log_failure])
+def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on_failure: bool = True,
+            use_deployments: UseDeployments = AUTO) -> dict[str, Any]:
+    """QA every variant of the eval config at `config` against its teacher. The captures run
+    in-process, or as `capture/gpu` deployment runs with `use_deployments` (flows.placement:
+    "auto" = when this run came from a deployment, e.g. qa/nightly).
 
     Returns {"run_id", "night", "results": [per-model summaries], "failures": [{variant, error}],
     "report": the report flow's result or None}. With failures and `raise_on_failure`, raises
     after the report is written."""
+    from prefect.runtime import flow_run
+
     log = get_run_logger()
+    on_gpu_pool = deployments_wanted(use_deployments)
     cfg = load_eval_config_task(config)
     ctx = prepare_qa_task(cfg, night)
     # QA's own captures: never overwrite the pipeline's activations/<model> (other hook points, dtype)
@@ -46,8 +48,16 @@ def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on
                       hf_hub_cache=cfg["hf_hub_cache"], limit=cfg["limit"])
     metrics, layers = list(cfg["metrics"]), ctx["metric_layers"]
     teacher = cfg["teacher"]
-    t_cap = capture_flow(model=teacher["path"], revision=teacher["revision"], output_dir=str(acts / teacher["name"]),
-                         **capture_kw)
+
+    def capture(name: str, path: str, revision: str | None) -> dict[str, Any]:
+        out = str(acts / name)
+        if on_gpu_pool:
+            run_child("capture/gpu", {"model": path, "revision": revision, "output_dir": out, **capture_kw},
+                      key=f"{flow_run.id}-qa-{name}")
+            return {"index": str(Path(out) / "metadata.jsonl")}
+        return capture_flow(model=path, revision=revision, output_dir=out, **capture_kw)
+
+    t_cap = capture(teacher["name"], teacher["path"], teacher["revision"])
     validate_shards([t_cap["index"]], label=teacher["name"])
     results = [record_metrics_task(ctx, teacher["name"], t_cap["index"], None, metrics, None, layers)]
     failures: list[dict[str, str]] = []
@@ -58,8 +68,7 @@ def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on
             key = (v["path"], v["revision"])
             if key not in captured:
                 try:
-                    captured[key] = capture_flow(model=v["path"], revision=v["revision"],
-                                                 output_dir=str(acts / v["name"]), **capture_kw)
+                    captured[key] = capture(v["name"], v["path"], v["revision"])
                     validate_shards([captured[key]["index"]], label=v["name"])
                 except Exception as exc:
                     captured[key] = exc  # the other variants of this checkpoint fail the same way, without a rerun

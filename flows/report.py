@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.hooks import log_failure
 from tasks.report import publish_report_task, render_report_task
 
 
@@ -19,7 +20,7 @@ def _run_name() -> str:
     return f"report-{flow_run.parameters.get('run_id', 'run')}"
 
 
-@flow(name="report", flow_run_name=_run_name, log_prints=False)
+@flow(name="report", flow_run_name=_run_name, log_prints=False, on_failure=[log_failure])
 def report_flow(run_id: str, runs_root: str = "runs", failures: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Returns the `ReportResult` (`model_dump(mode="json")`) plus "artifacts": {kind: artifact key}."""
     rendered = render_report_task(run_id, runs_root, failures)

@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.hooks import log_failure
 from lib.store.runs import new_run_id
 from lib.transport.options import RotateOptions
 from tasks.rotate import (
@@ -22,13 +23,8 @@ from tasks.rotate import (
     record_rotation_task,
     solve_layer_task,
 )
+from tasks.names import rotate_run_name
 from tasks.validate import validate_shards
-
-
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.parameters.get("run_id") or "rotate")
 
 
 # Each layer in flight holds its own O(d²) moments (and, with permutations, O(intermediate²)
@@ -39,7 +35,7 @@ DEFAULT_WORKERS = 2
 # validate_parameters=False: `options` is validated below by RotateOptions.parse, whose errors are
 # BadInputErrors naming the key ("rotate_flow options: pca_dimm: unknown key …"); Prefect's check
 # would raise a ParameterTypeError. The parameter stays typed, so the UI renders it as a form.
-@flow(name="rotate", flow_run_name=_run_name, log_prints=False, validate_parameters=False,
+@flow(name="rotate", flow_run_name=rotate_run_name, log_prints=False, validate_parameters=False, on_failure=[log_failure],
       task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS))
 def rotate_flow(student_index: str, teacher_index: str, layers: list[str] | None = None,
                 output_dir: str = "rotations", ledger: str | None = None, spec_out: str | None = None,

@@ -16,10 +16,7 @@ from lib.capture.run import capture_items
 from lib.capture.spec import CAPTURE_VERSION, CaptureSpec
 from lib.store.corpus import Sample
 from tasks.common import RETRY
-
-
-def model_slug(model: str) -> str:
-    return Path(model.rstrip("/")).name or model
+from tasks.names import model_slug
 
 
 @task(name="plan-capture", task_run_name="plan-{label}", retries=0)

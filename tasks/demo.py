@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lib.demo.planted import ensure_planted_student, recovery_from_spec
 from lib.demo.teacher import DemoRecipe, ensure_demo_teacher
+from lib.store.staging import link_folder
 from tasks.common import RETRY
 
 
@@ -32,3 +33,10 @@ def recovery_task(student: str, spec: str) -> dict[str, Any]:
     return recovery_from_spec(student, spec)
 
 
+
+
+@task(name="link-teacher", task_run_name="link-teacher", cache_policy=NO_CACHE, **RETRY)
+def link_teacher_task(teacher: str, link: str) -> str:
+    """`link` (runs/<run>/checkpoints/teacher) → the cached teacher folder: the run's own path for
+    it, which the nightly QA config and the pipeline deployment's defaults name."""
+    return str(link_folder(teacher, link))

@@ -18,6 +18,7 @@ from lib.fold.gate import GateOptions, format_gate
 from lib.fold.gate_record import gate_failure, gate_from_spec
 from lib.fold.options import FoldOptions
 from tasks.common import RETRY
+from tasks.names import path_key
 
 
 @task(name="fold-validate", task_run_name="fold-validate-{label}", cache_policy=NO_CACHE, **RETRY)
@@ -58,7 +59,8 @@ def gate_folded_checkpoint(source_dir: str, output_dir: str, spec: str, gate_opt
                             allow_inexact=allow_inexact, allow_outside_paths=allow_outside_paths,
                             source_ref=source_ref, raise_on_failure=False)
     markdown = format_gate(result, title=f"Fold gate for {output_dir}")
-    create_markdown_artifact(markdown=markdown, description=f"equivalence gate of {output_dir}")
+    create_markdown_artifact(markdown=markdown, key=path_key("fold-gate", output_dir, label),
+                             description=f"equivalence gate of {output_dir}")
     log = get_run_logger()
     (log.info if result.status == "passed" else log.warning)("gate %s: %s", result.status, result.failures or "ok")
     if result.status == "failed":

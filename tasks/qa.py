@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from lib.qa.eval_config import load_eval_config
 from lib.qa.record import RecordContext, prepare_qa, record_metrics
 from tasks.common import RETRY
+from tasks.names import artifact_key
 
 
 @task(name="qa-config", task_run_name="qa-config", cache_policy=NO_CACHE, **RETRY)
@@ -85,5 +86,6 @@ def publish_qa_summary_task(context: dict[str, Any], results: list[dict[str, Any
     for f in failures:
         lines.append(f"| {f['variant']} | FAILED | | | {f['error'].splitlines()[0][:200].replace('|', '/')} |")
     markdown = "\n".join(lines) + "\n"
-    create_markdown_artifact(markdown=markdown, description=f"QA night {context['night']} of {context['run_id']}")
+    create_markdown_artifact(markdown=markdown, key=artifact_key("qa-night", context["run_id"]),
+                             description=f"QA night {context['night']} of {context['run_id']}")
     return markdown

@@ -4,7 +4,6 @@ a markdown artifact and table artifacts. Run: `tourguide report --run-id nightly
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lib.qa.report import render_report
+from lib.qa.report import embed_figures, render_report
 from tasks.common import RETRY
-
-
-def artifact_key(kind: str, run_id: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{run_id}".lower()).strip("-")[:100]
+from tasks.names import artifact_key
 
 
 @task(name="report-render", task_run_name="report-{run_id}", cache_policy=NO_CACHE, **RETRY)
@@ -35,9 +30,10 @@ def publish_report_task(rendered: dict[str, Any], label: str = "run") -> dict[st
     """The report as a markdown artifact (key `qa-report-<run id>`) plus table artifacts for the
     summary, each per-layer metric and the night-to-night changes. Returns {kind: artifact key}."""
     run_id = rendered["run_id"]
-    markdown = Path(rendered["report_path"]).read_text(encoding="utf-8")
+    report = Path(rendered["report_path"])
+    markdown = embed_figures(report.read_text(encoding="utf-8"), report.parent)  # the UI cannot read the run folder
     figures = "\n".join(f"- `{p}`" for p in rendered["figures"].values())
-    if figures:  # the UI cannot show files from the run folder: say where they are
+    if figures:
         markdown += f"\nFigure files:\n{figures}\n"
     keys = {"report": artifact_key("qa-report", run_id)}
     create_markdown_artifact(markdown=markdown, key=keys["report"], description=f"QA report of run {run_id}")

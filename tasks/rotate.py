@@ -18,6 +18,7 @@ from lib.transport.pool import pca_cosines, pool_rotation
 from lib.transport.record import fmt_value, record_rotation
 from lib.transport.solve import solve_layer
 from tasks.common import RETRY
+from tasks.names import path_key
 
 
 @task(name="rotate-plan", task_run_name="rotate-plan", cache_policy=NO_CACHE, **RETRY)
@@ -62,9 +63,31 @@ def record_rotation_task(plan: dict[str, Any], layer_results: list[dict[str, Any
                          cosines: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Append the ledger rows, write --spec-out, post the table as a markdown artifact."""
     summary = record_rotation(RotationPlan.model_validate(plan), layer_results, pooled, cosines or [])
-    create_markdown_artifact(markdown=f"# Rotations {summary['run_id']}\n\n```\n{summary['table']}\n```\n",
+    create_markdown_artifact(markdown=rotation_markdown(summary),
+                             key=path_key("rotations", plan.get("output_dir"), summary["run_id"]),
                              description=f"rotate {summary['run_id']}")
     return summary
+
+
+def rotation_markdown(summary: dict[str, Any]) -> str:
+    """The rotation table as the UI shows it: a narrow markdown table (the fixed-width text table
+    is ~140 characters wide, and the UI cuts a code block to its column), then the notes."""
+    from lib.qa.report import md_table
+
+    rows = summary.get("layers") or []
+    perm = any(r.get("permutations") for r in rows)
+    header = ["layer", "cos before", "cos R_l", "cos Q", "resid Q", "‖R_l−Q‖"] + (["heads sim", "mlp corr"] if perm else [])
+    body = []
+    for r in rows:
+        p = r.get("permutations") or {}
+        body.append([layer_label(r["layer"]), fmt_value(r.get("cosine_before")), fmt_value(r.get("cosine_after")),
+                     fmt_value(r.get("cosine_global")), fmt_value(r.get("fit_residual_global")),
+                     fmt_value(r.get("dist_to_global"), ".3f")]
+                    + ([fmt_value(p.get("heads_mean_similarity")), fmt_value(p.get("mlp_mean_correlation"))] if perm else []))
+    notes = str(summary.get("table", "")).splitlines()[1 + len(rows):]  # record_rotation's notes follow its table
+    return (f"# Rotations {summary['run_id']}\n\n{md_table(header, body)}\n\n"
+            + "".join(f"- {n}\n" for n in notes) + "\nR_l: the layer's own rotation; Q: the pooled global rotation "
+            "(the one that folds).\n")
 
 
 def layer_label(layer: str) -> str:

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lib.store.runs import ScaffoldSpec, scaffold_run
 from tasks.common import RETRY
+from tasks.names import artifact_key
 
 
 @task(name="scaffold-run", task_run_name="scaffold-{label}", cache_policy=NO_CACHE, **RETRY)
@@ -30,5 +31,5 @@ def scaffold_run_task(spec: dict[str, Any], label: str = "run") -> dict[str, Any
                      f"| folder | `{manifest['run_dir']}` |\n| snapshot digest | `{manifest['snapshot_digest']}` |\n"
                      f"| blurbs | {manifest['n_blurbs']} |\n| prompt files | {manifest['n_prompt_files']} |\n"
                      f"| project commit | `{manifest['git_commit']}` |\n",
-            description=f"scaffold of run {manifest['run_id']}")
+            key=artifact_key("scaffold", manifest["run_id"]), description=f"scaffold of run {manifest['run_id']}")
     return manifest

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from lib.store.validation import require_valid, validate_indexes
+from tasks.names import artifact_key, path_key, place_in_run
 
 
 # Never cached: a checksum is a fact about the bytes on disk now, and a cached "ok" from earlier in
@@ -22,10 +23,18 @@ def validate_shards(index_paths: list[str], label: str = "shards") -> dict:
     checks = require_valid(index_paths)
     if TaskRunContext.get() is not None:  # also callable as validate_shards.fn(...) outside a run
         create_table_artifact(
+            key=checksums_key(index_paths, label),
             table=[{"index": c.index, "shard": c.shard, "bytes": c.bytes, "ok": c.ok} for c in checks[:200]],
             description=f"checksums of {len(checks)} shard(s) in {len(index_paths)} index(es)",
         )
     return {"n_shards": len(checks), "bytes": sum(c.bytes for c in checks), "indexes": list(index_paths)}
+
+
+def checksums_key(index_paths: list[str], label: str) -> str:
+    """`checksums-<run>-<capture>` for one index; `checksums-<run>-<label>` for several."""
+    if len(index_paths) == 1:
+        return path_key("checksums", index_paths[0], label)
+    return artifact_key("checksums", place_in_run(index_paths[0] if index_paths else None)[0], label)
 
 
 @task(name="hash-shards", task_run_name="hash-shards", cache_policy=NO_CACHE)

@@ -7,6 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deployments/bootstrap.sh
+# The UI check (tests/e2e/test_ui.py) drives Debian's chromium with playwright-core from npm (no
+# browser download); without node, npm or chromium it skips and says why.
+if command -v npm >/dev/null && [ -x "${CHROMIUM:-/usr/bin/chromium}" ] && [ ! -d tests/e2e/node_modules/playwright-core ]; then
+  npm ci --prefix tests/e2e --no-audit --no-fund --silent || echo "tests/run.sh: npm ci failed; the UI check will skip" >&2
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 .venv/bin/python -m pytest -q "$@"
 if [ "${TOURGUIDE_VLLM_TESTS:-1}" != "0" ] && [ -f tests/vllm/run_parity.sh ] && [ $# -eq 0 ]; then

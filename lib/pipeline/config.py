@@ -8,6 +8,7 @@ student, metrics, dtype, device, max_length, batch size, layers, limit) plus pip
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -41,7 +42,9 @@ class PipelineConfig(Options):
                                                        "pca_dim: nothing is folded then)")
     exclude_position0: bool = Field(False, description="leave position-0 (attention-sink) tokens out of the statistics")
     pca_dim: int | None = Field(None, ge=1, description="PCA dimension when hidden sizes differ")
-    use_deployments: bool = Field(False, description="run capture and fold as `gpu` deployments (run_deployment)")
+    use_deployments: bool | Literal["auto"] = Field(
+        "auto", description="run capture (QA's too) and fold as `gpu` deployments (run_deployment); auto: when this "
+                            "run was started from a deployment")
 
     @field_validator("metrics")
     @classmethod

@@ -155,7 +155,8 @@ class EvalConfig(Options):
 def load_eval_config(path: str | os.PathLike, check_paths: bool = True) -> EvalConfig:
     """Read a `.json` or `.toml` eval config; with `check_paths`, every model and transport path
     must exist (hub ids must be in the HF cache)."""
-    cfg = EvalConfig.from_file(path, hint="start from deployments/eval_template.json")
+    cfg = EvalConfig.from_file(path, hint="start from deployments/eval_template.json (the qa/nightly deployment's "
+                                          "default, runs/demo/eval_config.json, is written by `tourguide demo`)")
     if check_paths:
         check_config_paths(cfg, str(path))
     return cfg

@@ -28,6 +28,12 @@ def _save(fig: Any, path: Path) -> str:
     return str(path)
 
 
+def panel_width(n_layers: int) -> float:
+    """Inches: room for the layer labels, capped so a deep model's figure still reads when the UI
+    scales it down to its column."""
+    return min(11.0, max(6.0, 0.35 * n_layers + 3))
+
+
 def short_layer(layer: str) -> str:
     """'model.layers.3' → 'L3' for axis labels; other hook points unchanged."""
     m = re.match(r"^(?:.*\.)?layers\.(\d+)$", layer)
@@ -40,7 +46,7 @@ def plot_trends(tf, path: Path) -> str:
     hue_order = list(tf.variant.drop_duplicates())
     grid = sns.relplot(data=tf, x="point", y="value", hue="variant", hue_order=hue_order, col="metric",
                        col_order=metrics, kind="line",
-                       marker="o", col_wrap=min(3, len(metrics)), height=3.2, aspect=1.3,
+                       marker="o", col_wrap=min(2, len(metrics)), height=2.8, aspect=1.4,
                        facet_kws={"sharey": False, "sharex": True})
     for ax in grid.axes.flat:
         ax.tick_params(axis="x", labelrotation=30)
@@ -67,7 +73,7 @@ def plot_cosines(qa: Mapping[str, Mapping[str, float]], rotations, path: Path) -
     df = pd.DataFrame(rows)
     layers = sorted(df.layer.unique(), key=layer_sort_key)
     df["layer"] = pd.Categorical(df.layer.map(short_layer), categories=[short_layer(x) for x in layers], ordered=True)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(layers) + 3), 4))
+    fig, ax = plt.subplots(figsize=(panel_width(len(layers)), 4))
     dashes = {s: (2, 2) if s.startswith("rotate: before") else "" for s in df.series.unique()}
     series = list(dict.fromkeys(r["series"] for r in rows))
     sns.lineplot(data=df.sort_values("layer"), x="layer", y="cosine", hue="series", style="series", dashes=dashes,
@@ -90,8 +96,9 @@ def plot_rms(rms: Mapping[str, Mapping[str, float]], ratio: Mapping[str, Mapping
     b = pd.DataFrame([{"layer": la, "variant": v, "value": x} for la, vals in ratio.items() for v, x in vals.items()])
     panels = [(a, "residual RMS"), (b, "RMS ratio to the teacher")]
     panels = [(d, t) for d, t in panels if not d.empty]
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 0.5 * len(layers) + 3) * len(panels), 4), squeeze=False)
-    for ax, (d, title) in zip(axes[0], panels, strict=True):
+    # Panels stacked, not side by side: the report is read in a narrow column (Prefect's UI).
+    fig, axes = plt.subplots(len(panels), 1, figsize=(panel_width(len(layers)), 3.6 * len(panels)), squeeze=False)
+    for ax, (d, title) in zip(axes[:, 0], panels, strict=True):
         d = d.copy()
         d["layer"] = pd.Categorical(d.layer.map(short_layer), categories=[short_layer(x) for x in layers], ordered=True)
         sns.lineplot(data=d.sort_values("layer"), x="layer", y="value", hue="variant", marker="o", ax=ax)
@@ -99,8 +106,10 @@ def plot_rms(rms: Mapping[str, Mapping[str, float]], ratio: Mapping[str, Mapping
         ax.set_ylabel(title)
         ax.set_xlabel("decoder block output (residual)")
     if len(panels) == 2:
-        axes[0][1].axhline(1.0, color="grey", lw=0.8, ls="--")
+        axes[1][0].axhline(1.0, color="grey", lw=0.8, ls="--")
+        axes[0][0].set_xlabel("")  # the lower panel's label serves both
     fig.suptitle("Residual RMS per layer")
+    fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)
     return out

@@ -10,6 +10,7 @@ from lib.core.options import Frozen
 from lib.qa.compare import MetricValue, compare_captures, measure_capture
 from lib.qa.eval_config import EvalConfig
 from lib.qa.metric_names import LOGIT_METRICS, METRICS, METRICS_VERSION, is_residual_layer
+from lib.qa.provenance import record_models
 
 
 def metric_rows(values: Sequence[MetricValue], *, run_id: str, night: str, timestamp: str, variant: str,
@@ -62,7 +63,8 @@ def record_metrics(ctx: RecordContext, variant: str, teacher_index: str, variant
 
 
 def prepare_qa(config: Any, night: str | None = None) -> dict[str, Any]:
-    """Check that the config's run is scaffolded and its corpus unchanged; fix the night's labels.
+    """Check that the config's run is scaffolded and its corpus unchanged; fix the night's labels;
+    record which checkpoints the night measures (runs/<id>/qa_models.json, lib.qa.provenance).
 
     `config` is an `EvalConfig` (or its `model_dump`). Returns the `RecordContext` dump plus "sample_files"
     (the snapshot's sample files, to capture), "metric_layers" (the residual hook points among
@@ -81,5 +83,6 @@ def prepare_qa(config: Any, night: str | None = None) -> dict[str, Any]:
                         snapshot_digest=info.snapshot_digest, code_version=code_version(project_commit()))
     # Residual metrics only make sense at decoder-block outputs, whatever else is captured.
     metric_layers = [x for x in cfg.layers if is_residual_layer(x)]  # eval_config checked there is one
+    record_models(info.run_dir, ctx.night, cfg)  # the report's tokenizer and commits, when no flag gave them
     return {**ctx.model_dump(mode="json"), "sample_files": list(info.sample_files), "metric_layers": metric_layers or None,
             "logits": any(m in LOGIT_METRICS for m in cfg.metrics)}

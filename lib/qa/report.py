@@ -19,8 +19,10 @@ Figures use matplotlib's Agg backend (no display needed); every file is written 
 
 from __future__ import annotations
 
+import base64
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,11 @@ from pydantic import model_serializer
 from lib.core.options import Model
 from lib.qa.metric_names import SUMMARY_METRICS, LAYER_METRICS, layer_sort_key
 from lib.qa.plots import plot_cosines, plot_rms, plot_trends
+from lib.qa.provenance import checkpoint_rows, provenance_rows, read_models, short_revision
 from lib.store.atomic import write_text_atomic
 from lib.store.runs import ROTATIONS_LEDGER, load_run
 
 REPORT_NAME = "report.md"
-
-
 
 
 # Per-layer metrics appear in the summary as their mean over layers.
@@ -44,6 +45,15 @@ SUMMARY_LABELS = {"hidden_state_cosine": "hidden_state_cosine (layer mean)",
 
 
 FIGURES = {"trends": "metric_trends.png", "cosine": "cosine_per_layer.png", "rms": "residual_rms.png"}
+
+
+# Per-layer tables show at most this many variants side by side (more: several tables). Prefect's
+# UI lets a wide markdown table run under its side panel; the full table is a table artifact.
+MAX_VARIANT_COLUMNS = 4
+
+
+def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)] or [[]]
 
 
 class ReportResult(Model):
@@ -201,6 +211,13 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def change_cell(c: Mapping[str, Any]) -> str:
+    """'0.25 (+125.00%)': the delta and, when defined, its size relative to the previous night."""
+    if c["delta"] is None:
+        return "—"
+    return fmt(c["delta"]) + ("" if c["relative"] is None else f" ({100 * c['relative']:+.2f}%)")
+
+
 def compare_nights(now: Mapping[str, Mapping[str, float]], before: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
     """One row per (variant, summary metric) present either night: previous, latest, delta, status."""
     rows = []
@@ -235,15 +252,22 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
     result = ReportResult(report_path=str(run_dir / REPORT_NAME), run_id=run_id, latest_night=latest,
                           previous_night=previous, n_rows=int(len(df)))
     md = [f"# QA report — run `{run_id}`", ""]
-    tok = man.get("tokenizer") or {}
+    models = read_models(run_dir)
+    origin, note = provenance_rows(man, models)
+    # Short values: Prefect's UI keeps a table inside its column, so a long one scrolls or spills.
     md += [md_table(["field", "value"], [
-        ["created", man.get("created_at")], ["project commit", man.get("git_commit")],
-        ["dataset snapshot", f"`{info.snapshot_digest}` ({man.get('n_blurbs')} blurbs, {man.get('n_prompt_files')} prompt files)"],
-        ["tokenizer", f"{tok.get('name') or '—'} {tok.get('version') or ''}".strip()],
-        ["teacher commit", man.get("teacher_commit") or "—"], ["student commit", man.get("student_commit") or "—"],
+        ["created", man.get("created_at")], ["project commit", short_revision(man.get("git_commit"))],
+        ["dataset snapshot", f"`{short_revision(info.snapshot_digest)}` ({man.get('n_blurbs')} blurbs, "
+                             f"{man.get('n_prompt_files')} prompt files)"],
+        *origin,
         ["latest night", latest or "—"], ["previous night", previous or "—"],
         ["nights in ledger", len(nights)], ["ledger rows (latest per night)", len(df)],
     ]), ""]
+    if note:
+        md += [note, ""]
+    if models:
+        md += [f"## Checkpoints (QA night {models.get('night')})", "",
+               md_table(["model", "revision", "checkpoint"], checkpoint_rows(models)), ""]
     if failures:
         md += ["## Failed variants (latest QA run)", "",
                "These variants have no rows for this QA run; the other variants' rows are kept.", ""]
@@ -276,9 +300,8 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
             before = summary_values(df[df.night == previous])
             result.changes = compare_nights(now, before)
             md += [f"Night {previous} → {latest}.", ""]
-            md += [md_table(["variant", "metric", previous, latest, "Δ", "Δ relative", "status"],
-                            [[c["variant"], c["metric"], c["previous"], c["latest"], c["delta"],
-                              None if c["relative"] is None else f"{100 * c['relative']:+.2f}%", c["status"]]
+            md += [md_table(["variant", "metric", previous, latest, "Δ (relative)", "status"],
+                            [[c["variant"], c["metric"], c["previous"], c["latest"], change_cell(c), c["status"]]
                              for c in result.changes]), ""]
         md += ["## Per-layer metrics", ""]
         for metric in LAYER_METRICS:
@@ -287,8 +310,9 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
                 continue
             cols = [v for v in variants if any(v in vals for vals in table.values())]
             result.per_layer[metric] = [{"layer": la, **{v: vals.get(v) for v in cols}} for la, vals in table.items()]
-            md += [f"### {metric}", "", md_table(["layer"] + cols, [[la] + [vals.get(v) for v in cols]
-                                                                    for la, vals in table.items()]), ""]
+            md += [f"### {metric}", ""]
+            for part in chunks(cols, MAX_VARIANT_COLUMNS):  # narrow tables: the UI's markdown view does not scroll
+                md += [md_table(["layer"] + part, [[la] + [vals.get(v) for v in part] for la, vals in table.items()]), ""]
     if not rotations.empty:
         md += ["## Rotations (latest rotate run in the rotations ledger)", "",
                md_table(["layer", "kind", "tokens", "cosine before", "cosine after (per layer)", "cosine after (global)"],
@@ -316,3 +340,20 @@ def render_report(runs_root: str | os.PathLike, run_id: str, failures: Sequence[
         md += ["No figures yet (no metrics or rotations recorded).", ""]
     write_text_atomic(result.report_path, "\n".join(md).rstrip() + "\n")
     return result
+
+
+_FIGURE_LINK = re.compile(r"!\[([^\]]*)\]\((figures/[A-Za-z0-9_.-]+\.png)\)")
+
+
+def embed_figures(markdown: str, run_dir: str | os.PathLike) -> str:
+    """report.md with each figure link replaced by the PNG itself as a data URI: Prefect's UI
+    cannot reach the run folder, and both of its UIs (/ and /v2) render `data:image/png` images.
+    A figure file that is gone keeps its link."""
+    def embed(m: re.Match[str]) -> str:
+        try:
+            data = (Path(run_dir) / m.group(2)).read_bytes()
+        except OSError:
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})"
+
+    return _FIGURE_LINK.sub(embed, markdown)

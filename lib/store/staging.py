@@ -72,3 +72,20 @@ def publish_folder(tmp: Path, out: Path, overwrite: bool) -> None:
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def link_folder(target: str | os.PathLike, link: str | os.PathLike) -> Path:
+    """Make `link` a symlink to the folder `target` (absolute), swapping an older link atomically
+    (a temp link renamed over it). A real file or folder at `link` is refused, never replaced."""
+    target, link = Path(target).resolve(), Path(link)
+    if link.is_symlink():
+        if Path(os.readlink(link)) == target:
+            return link
+    elif link.exists():
+        raise BadInputError(f"{link} exists and is not a link to {target}; move it away (it is not overwritten)")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.parent / f".tmp-link-{link.name}-{uuid.uuid4().hex[:8]}"
+    os.symlink(target, tmp, target_is_directory=True)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+    return link

@@ -1,214 +1,198 @@
-"""End to end against a REAL Prefect server: `prefect server start` on a free loopback port with
-a temporary PREFECT_HOME, the set-up script, `prefect deploy --all` from deployments/prefect.yaml,
-a process worker, and `prefect deployment run 'qa/nightly' --watch` on tiny settings. Asserts
-through the Prefect client that the run completed, its artifacts exist and the nightly schedule
-is registered. Everything is stopped in `finally` blocks."""
+"""End to end against a REAL Prefect server (tests/e2e/harness.py: `prefect server start` on a
+free loopback port with a temporary PREFECT_HOME): the README's set-up — the demo, the set-up
+script, `prefect deploy --all` from deployments/prefect.yaml, a cpu and a gpu worker — then
+`prefect deployment run 'qa/nightly' --watch` and `pipeline/cpu` with no parameters at all (their
+captures and the fold go to the gpu pool: use_deployments "auto"), and a failing night whose
+--watch says why. Asserts through the Prefect client: runs completed, their names, the artifact
+keys, the schedule, idempotent child runs. Every process is stopped in `finally` blocks."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).parent / "prefect")
+from tests.e2e import harness
+from tests.e2e.harness import PREFECT, ROOT, stop
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited early with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"prefect server not healthy at {url} after {timeout}s")
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+# The demo's teacher recipe, small (the demo itself runs as `tourguide demo` does otherwise).
+TINY_RECIPE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=256,
+                   vocab_size=512, steps=25, batch_size=8, max_length=48)
 
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_healthy(url, proc)
-        yield url, {**env, "PREFECT_API_URL": url}
-    finally:
-        stop(proc)
-        log.close()
+    with harness.prefect_server(tmp_path) as server:
+        yield server
 
 
-def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+def run(cmd: list[str], env: dict, timeout: float = 300, cwd: Path = ROOT, ok: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
 
 
+@contextlib.contextmanager
+def workers(env: dict, logs_dir: Path, pools: tuple[str, ...] = ("cpu", "gpu")):
+    logs = [open(logs_dir / f"worker-{p}.log", "w") for p in pools]
+    procs = [subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--limit", "1"], env=env, cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+             for pool, log in zip(pools, logs, strict=True)]
+    try:
+        yield
+    finally:
+        for w in procs:
+            stop(w)
+        for log in logs:
+            log.close()
+
+
+def client_call(url: str, fn):
+    """`await fn(client)` against the server at `url` (this process's settings point elsewhere)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def go():
+        async with get_client() as client:
+            return await fn(client)
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        return asyncio.run(go())
+
+
+def checkout(tmp_path: Path) -> Path:
+    """What workers run as TOURGUIDE_HOME: this checkout's code (links) with a runs/ of its own."""
+    home = tmp_path / "checkout"
+    home.mkdir()
+    for name in ("flows", "tasks", "lib", "samples", "prompts", "deployments", "pyproject.toml"):
+        (home / name).symlink_to(ROOT / name)
+    return home
+
+
 @pytest.mark.slow
-def test_nightly_qa_deployment_on_a_real_server(prefect_server, make_tiny, tmp_path):
+def test_nightly_qa_and_pipeline_deployments_work_out_of_the_box(prefect_server, tmp_path):
     url, env = prefect_server
-    env = {**env, "TOURGUIDE_HOME": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONPATH": str(ROOT)}
+    home = checkout(tmp_path)
+    env = {**env, "TOURGUIDE_HOME": str(home), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONPATH": str(ROOT), "TOURGUIDE_CACHE": str(tmp_path / "cache")}
+    # The README's set-up: the demo (a small teacher recipe), the pools, the deployments.
+    demo = f"from flows.demo import demo_flow; demo_flow(recipe={TINY_RECIPE!r})"
+    t0 = time.perf_counter()
+    run([sys.executable, "-c", demo], env, timeout=900, cwd=home)
+    took = {"demo": time.perf_counter() - t0}
+    assert (home / "runs" / "demo" / "checkpoints" / "teacher").is_symlink()
     run(["bash", "deployments/setup_pools.sh", "1"], env)
     run(["bash", "deployments/setup_pools.sh", "1"], env)  # idempotent
     run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env, timeout=600)
+    keys_after_demo = client_call(url, artifact_keys)
+    took["set-up"] = time.perf_counter() - t0 - took["demo"]
 
-    # A tiny scaffolded run and eval config (absolute paths: the worker runs from the checkout).
-    from lib.store.runs import ScaffoldSpec, scaffold_run
+    watch = ["--watch", "--watch-timeout", "500"]
+    with workers(env, tmp_path):
+        t1 = time.perf_counter()
+        night = run([PREFECT, "deployment", "run", "qa/nightly", *watch], env, timeout=560)
+        assert "Completed" in night.stdout, night.stdout[-3000:]
+        took["nightly"] = time.perf_counter() - t1
+        # The fold of the demo run is current, so the pipeline would reuse it: take its marker away
+        # to have pipeline/cpu fold again (on the gpu pool)
+        (home / "runs" / "demo" / "checkpoints" / "student-folded" / "pipeline_inputs.json").unlink()
+        pipe = run([PREFECT, "deployment", "run", "pipeline/cpu", *watch], env, timeout=560)
+        assert "Completed" in pipe.stdout, pipe.stdout[-3000:]
+        took["pipeline"] = time.perf_counter() - t1 - took["nightly"]
+        # A night that fails says why in --watch (the server streams logs; flows.hooks.log_failure)
+        bad = run([PREFECT, "deployment", "run", "qa/nightly", "--param", "config=runs/none.json", *watch], env,
+                  timeout=300, ok=False)
+        assert bad.returncode != 0 and "Failed" in bad.stdout, bad.stdout[-3000:]
+        assert "runs/none.json" in bad.stdout and "file not found" in bad.stdout, bad.stdout[-3000:]
+        print("--watch of a failing night, last lines:\n" + "\n".join(bad.stdout.splitlines()[-4:]))
 
-    runs_root = tmp_path / "runs"
-    scaffold_run(ScaffoldSpec(run_id="e2e", runs_root=str(runs_root)))
-    cfg = {"run_id": "e2e", "runs_root": str(runs_root),
-           "teacher": {"name": "teacher", "path": str(make_tiny("qwen3"))},
-           "variants": [{"name": "student", "path": str(make_tiny("qwen3", seed=1)), "transports": []}],
-           "metrics": ["logit_kl", "hidden_state_cosine", "residual_rms", "surprisal"],
-           "dtype": "float32", "device": "cpu", "max_length": 16, "batch_size": 4, "limit": 4}
-    cfg_path = tmp_path / "eval.json"
-    cfg_path.write_text(json.dumps(cfg))
-
-    # Create the run first (the watcher keeps going in the background), then start a worker
-    # with --run-once: it picks up that run, executes it, and exits.
-    watch_log = open(tmp_path / "watch.log", "w+")
-    watcher = subprocess.Popen([PREFECT, "deployment", "run", "qa/nightly", "--param", f"config={cfg_path}",
-                                "--watch", "--watch-timeout", "500"], env=env, cwd=ROOT, stdout=watch_log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    worker_log = open(tmp_path / "worker.log", "w")
-    worker = None
-    try:
-        t0 = time.time()
-        while "Created flow run" not in (tmp_path / "watch.log").read_text():
-            assert watcher.poll() is None and time.time() - t0 < 120, (tmp_path / "watch.log").read_text()
-            time.sleep(0.5)
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--run-once"], env=env, cwd=ROOT,
-                                  stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
-        code = watcher.wait(timeout=560)
-        out = (tmp_path / "watch.log").read_text()
-        assert code == 0 and "Completed" in out, out[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
-    finally:
-        stop(watcher)
-        stop(worker)
-        worker_log.close()
-        watch_log.close()
-
-    async def inspect():
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
+    async def read(client):
+        from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
         from prefect.client.schemas.sorting import FlowRunSort
 
-        async with get_client() as client:
-            dep = await client.read_deployment_by_name("qa/nightly")
-            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [dep.id]}),
-                                               sort=FlowRunSort.START_TIME_DESC)
-            done = [r for r in runs if r.state and r.state.is_completed()]
-            arts = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[done[0].id]))) if done else []
-            return dep, done, arts
+        deps = {n: await client.read_deployment_by_name(n)
+                for n in ("qa/nightly", "pipeline/cpu", "capture/gpu", "fold/gpu")}
+        runs = {n: await client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [d.id]}),
+                                               sort=FlowRunSort.START_TIME_DESC) for n, d in deps.items()}
+        every = await client.read_flow_runs(limit=200)  # the demo's ~40 runs and the deployments' ~15
+        failed = [r for r in runs["qa/nightly"] if r.state and r.state.is_failed()]
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[failed[0].id]))) \
+            if failed else []
+        # the same idempotency key never starts a second child run (what a retried parent relies on)
+        from prefect.deployments import run_deployment
 
-    os.environ["PREFECT_API_URL"] = url  # the client reads settings from the environment
-    try:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        once = [await run_deployment("report/cpu", parameters={"run_id": "demo"}, idempotency_key="e2e-once",
+                                     timeout=0) for _ in range(2)]
+        assert once[0].id == once[1].id
+        return deps, runs, every, failed, logs
 
-        with temporary_settings({PREFECT_API_URL: url}):
-            dep, done, arts = asyncio.run(inspect())
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-    assert done, "no completed qa/nightly flow run"
+    print("seconds:", {k: round(v, 1) for k, v in took.items()})
+    deps, runs, every, failed, logs = client_call(url, read)
+    nightly = [r for r in runs["qa/nightly"] if r.state and r.state.is_completed()]
+    assert len(nightly) == 1 and len(failed) == 1
+    # named after the scheduled date in the schedule's timezone (Europe/London)
+    for r in (nightly[0], failed[0]):
+        assert r.name == f"nightly-{r.expected_start_time.astimezone(ZoneInfo('Europe/London')):%Y-%m-%d}"
+    assert "file not found" in failed[0].state.message
+    assert logs and logs[-1].level >= 40 and "runs/none.json" in logs[-1].message  # the reason, last
+    assert [r.state.type.value for r in runs["pipeline/cpu"]] == ["COMPLETED"] and runs["pipeline/cpu"][0].name == "pipeline-demo"
+    # Started from deployments, QA's and the pipeline's captures ran on the gpu pool (use_deployments auto)
+    gpu_names = {r.name for r in runs["capture/gpu"]}
+    assert gpu_names == {"capture-demo-student", "capture-demo-teacher", "capture-demo-qa-teacher",
+                         "capture-demo-qa-student-baseline", "capture-demo-qa-student-folded"}, gpu_names
+    assert [r.name for r in runs["fold/gpu"]] == ["fold-demo-student-folded"]
+    assert {r.work_pool_name for r in runs["capture/gpu"] + runs["fold/gpu"]} == {"gpu"}
+    assert all(r.state.is_completed() for r in runs["capture/gpu"] + runs["fold/gpu"])
+    fold = json.loads((home / "runs" / "demo" / "checkpoints" / "student-folded" / "fold_report.json").read_text())
+    assert fold["status"] == "passed"
+    # the demo's own runs (in-process) carry the run id too
+    names = {r.name for r in every}
+    assert {"demo-demo", "scaffold-demo", "capture-demo-student", "capture-demo-teacher", "rotate-demo",
+            "fold-demo-student-folded", "qa-demo", "report-demo", "capture-demo-qa-teacher"} <= names, names
+
+    # every artifact the README lists has a key; re-runs add versions, not keys
+    keys = client_call(url, artifact_keys)
+    assert {"capture-progress-demo-student", "capture-progress-demo-qa-teacher", "checksums-demo-student",
+            "checksums-demo-qa-student-folded", "checksums-demo-rotate", "rotations-demo",
+            "fold-gate-demo-student-folded", "qa-night-demo", "qa-report-demo", "qa-summary-demo",
+            "pipeline-demo", "scaffold-demo"} <= set(keys_after_demo), sorted(keys_after_demo)
+    assert set(keys) == set(keys_after_demo), set(keys) ^ set(keys_after_demo)
+    assert keys["qa-report-demo"] >= 3  # the demo's, the night's, the pipeline's
+    report = client_call(url, lambda c: latest_artifact(c, "qa-report-demo"))
+    assert report.data.count("data:image/png;base64,") == 3 and "](figures/" not in report.data
+
+    dep = deps["qa/nightly"]
     crons = [getattr(s.schedule, "cron", None) for s in dep.schedules]
     assert "0 2 * * *" in crons and dep.schedules[0].schedule.timezone == "Europe/London"
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     assert str(dep.concurrency_options.collision_strategy).endswith("CANCEL_NEW")
-    assert arts, "the QA run published no artifacts"
-    assert (runs_root / "e2e" / "report.md").exists()
+    assert (home / "runs" / "demo" / "report.md").exists()
 
 
-@pytest.mark.slow
-def test_pipeline_runs_gpu_steps_as_deployments(prefect_server, make_tiny, tmp_path):
-    """use_deployments: the pipeline (on the cpu pool) starts capture and fold as `gpu`
-    deployments through run_deployment, with idempotency keys; results travel as files."""
-    url, env = prefect_server
-    env = {**env, "TOURGUIDE_HOME": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONPATH": str(ROOT)}
-    run(["bash", "deployments/setup_pools.sh", "1"], env)
-    run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env, timeout=600)
-    from lib.demo.planted import plant_student
+async def artifact_keys(client) -> dict[str, int]:
+    """{key: number of versions} of every keyed artifact on the server."""
+    out: dict[str, int] = {}
+    offset = 0
+    while page := await client.read_artifacts(limit=200, offset=offset):  # the server's page limit
+        for a in page:
+            if a.key:
+                out[a.key] = out.get(a.key, 0) + 1
+        offset += len(page)
+    return out
 
-    teacher = make_tiny("qwen3")
-    student = tmp_path / "student"
-    plant_student(teacher, student, noise=0.0, seed=5)
-    cfg = {"run_id": "pipe", "runs_root": str(tmp_path / "runs"), "teacher": str(teacher), "student": str(student),
-           "limit": 6, "max_length": 16, "batch_size": 8, "device": "cpu", "use_deployments": True}
-    logs = [open(tmp_path / f"worker-{p}.log", "w") for p in ("cpu", "gpu")]
-    workers = [subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--limit", "1"], env=env, cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-               for pool, log in zip(("cpu", "gpu"), logs, strict=True)]
-    try:
-        res = run([PREFECT, "deployment", "run", "pipeline/cpu", "--param", f"config={json.dumps(cfg)}", "--watch",
-                   "--watch-timeout", "500"], env, timeout=560)
-        assert "Completed" in res.stdout, res.stdout[-2000:]
-    finally:
-        for w in workers:
-            stop(w)
-        for log in logs:
-            log.close()
-    report = json.loads((tmp_path / "runs" / "pipe" / "checkpoints" / "student-folded" / "fold_report.json").read_text())
-    assert report["status"] == "passed"
-    assert (tmp_path / "runs" / "pipe" / "report.md").exists()
 
-    async def children():
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import FlowRunFilter
-        from prefect.deployments import run_deployment
+async def latest_artifact(client, key: str):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
-        async with get_client() as client:
-            out = {}
-            for name in ("capture/gpu", "fold/gpu"):
-                dep = await client.read_deployment_by_name(name)
-                out[name] = await client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [dep.id]}))
-            # the same idempotency key never starts a second child run
-            a = await run_deployment("report/cpu", parameters={"run_id": "pipe", "runs_root": cfg["runs_root"]},
-                                     idempotency_key="e2e-once", timeout=0)
-            b = await run_deployment("report/cpu", parameters={"run_id": "pipe", "runs_root": cfg["runs_root"]},
-                                     idempotency_key="e2e-once", timeout=0)
-            return out, a.id, b.id
-
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: url}):
-        runs, first, second = asyncio.run(children())
-    assert len(runs["capture/gpu"]) == 2 and all(r.state.is_completed() for r in runs["capture/gpu"])
-    assert {r.work_pool_name for r in runs["capture/gpu"] + runs["fold/gpu"]} == {"gpu"}
-    assert len(runs["fold/gpu"]) == 1 and runs["fold/gpu"][0].state.is_completed()
-    assert first == second
+    arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                       sort=ArtifactSort.CREATED_DESC, limit=1)
+    return arts[0]
