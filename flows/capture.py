@@ -7,7 +7,7 @@ Run it: `tourguide capture --model ./my-model --output-dir runs/x/activations/st
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -15,11 +15,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm.auto import tqdm
 
 from flows.hooks import log_failure
-from lib.capture.plan import batches_by_length
 from lib.capture.spec import CaptureSpec
 from lib.core.errors import ChecksumError
-from lib.store.corpus import SAMPLES_DIR, load_texts
-from lib.store.staging import check_output_dir
 from tasks.capture import capture_batch, missing_items_task, plan_capture_task
 from tasks.names import capture_run_name, model_slug, path_key
 from tasks.validate import validate_shards
@@ -43,17 +40,15 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
     Returns {"index", "n_samples", "n_computed", "n_reused", "config_digest", "hook_points"}.
     """
     log = get_run_logger()
-    out = check_output_dir(output_dir)
     spec = CaptureSpec(model=model, revision=revision, dtype=dtype, compute_dtype=compute_dtype, device=device,
                        hook_points=tuple(layers or ()), max_length=max_length, logits=logits, batch_size=batch_size,
                        backend=backend, hf_home=hf_home, hf_hub_cache=hf_hub_cache, vllm_options=vllm_options or {},
                        trust_remote_code=trust_remote_code)
-    samples = load_texts(texts, text_files, samples_dir or SAMPLES_DIR, limit)
     spec_d = spec.model_dump(mode="json")
-    plan = plan_capture_task(spec_d, [asdict(s) for s in samples], label=model_slug(model))
-    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_capture_task(spec_d, output_dir, texts, text_files, samples_dir, limit, label=model_slug(model))
+    out = Path(plan["output_dir"])
     items, hooks, digest = plan["items"], plan["hook_points"], plan["config_digest"]
-    batches_d = [[asdict(it) for it in b] for b in batches_by_length(_objs(items), batch_size)]
+    batches_d = [[items[i] for i in batch] for batch in plan["batches"]]
     artifact = create_progress_artifact(progress=0.0, key=path_key("capture-progress", output_dir, model_slug(model)),
                                         description=f"capture {model} → {out}")
     # One hashing pass up front: the samples whose shard is absent, gone or corrupt. A cache hit
@@ -82,8 +77,3 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
     log.info("captured %s: %d sample(s), %d computed, %d reused", model, len(items), manifest["n_computed"], manifest["n_reused"])
     return manifest
 
-
-def _objs(items: list[dict[str, Any]]):
-    from lib.capture.plan import PlanItem
-
-    return [PlanItem(**{**it, "token_ids": tuple(it["token_ids"])}) for it in items]

@@ -4,27 +4,26 @@ check of which samples lack a valid shard."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.context import TaskRunContext
 
-from lib.capture.plan import PlanItem, plan_capture, plan_from_items, valid_keys
+from lib.capture.plan import PlanItem, plan_from_items, prepare_capture, valid_keys
 from lib.capture.run import capture_items
 from lib.capture.spec import CAPTURE_VERSION, CaptureSpec
-from lib.store.corpus import Sample
 from tasks.common import RETRY
 from tasks.names import model_slug
 
 
 @task(name="plan-capture", task_run_name="plan-{label}", retries=0)
-def plan_capture_task(spec: dict[str, Any], samples: list[dict[str, Any]], label: str = "capture") -> dict[str, Any]:
-    """Tokenize + lay out capture keys. Returns {"items": [...], "hook_points", "revision", "config_digest"}."""
-    plan = plan_capture(CaptureSpec.model_validate(spec), [Sample(**s) for s in samples])
-    return {"items": [asdict(it) for it in plan.items], "hook_points": list(plan.hook_points),
-            "revision": plan.model.revision, "config_digest": plan.config_digest}
+def plan_capture_task(spec: dict[str, Any], output_dir: str, texts: list[str] | None = None,
+                      text_files: list[str] | None = None, samples_dir: str | None = None,
+                      limit: int | None = None, label: str = "capture") -> dict[str, Any]:
+    """Check and create the output folder, load the texts, tokenize and lay out capture keys and
+    batches (no weights). Returns lib.capture.plan.prepare_capture's manifest."""
+    return prepare_capture(CaptureSpec.model_validate(spec), output_dir, texts, text_files, samples_dir, limit)
 
 
 def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

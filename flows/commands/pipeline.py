@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = config_from_args(args)
-    if cfg.use_deployments and not os.environ.get("PREFECT_API_URL"):
+    if cfg.use_deployments is True and not os.environ.get("PREFECT_API_URL"):  # "auto" decides in the flow
         from lib.core.errors import BadInputError
 
         raise BadInputError("--use-deployments runs capture and fold as gpu deployments, which needs a Prefect server "

@@ -7,7 +7,7 @@ groups them into padded batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from lib.core.digests import sha256_json
 from lib.core.errors import BadInputError
 from lib.models.adapters import adapter_for_config
 from lib.models.loading import ModelRef, load_tokenizer, pick_device, read_config, resolve_model
-from lib.store.corpus import Sample
+from lib.store.corpus import SAMPLES_DIR, Sample, load_texts
 from lib.store.shards import (
     INDEX_NAME,
     INPUT_SUFFIX,
@@ -25,6 +25,7 @@ from lib.store.shards import (
     shard_name,
     verify_record,
 )
+from lib.store.staging import check_output_dir
 
 
 @dataclass(frozen=True)
@@ -171,3 +172,22 @@ def batches_by_length(items: list[PlanItem], batch_size: int) -> list[list[PlanI
     """Sort by length (longest first) so each padded batch wastes little compute."""
     ordered = sorted(items, key=lambda it: (-len(it.token_ids), it.sample_index))
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def prepare_capture(spec: CaptureSpec, output_dir: str | Path, texts: list[str] | None = None,
+                    text_files: list[str] | None = None, samples_dir: str | Path | None = None,
+                    limit: int | None = None) -> dict[str, Any]:
+    """Everything the capture flow needs before its first forward, as JSON: the output folder
+    checked and created, the texts loaded, the plan, and its items grouped into batches.
+
+    Returns {"output_dir", "items", "batches" (lists of item positions), "hook_points",
+    "revision", "config_digest"}.
+    """
+    out = check_output_dir(output_dir)
+    plan = plan_capture(spec, load_texts(texts, text_files, samples_dir or SAMPLES_DIR, limit))
+    out.mkdir(parents=True, exist_ok=True)
+    position = {it.capture_key: i for i, it in enumerate(plan.items)}
+    batches = [[position[it.capture_key] for it in b] for b in batches_by_length(list(plan.items), spec.batch_size)]
+    return {"output_dir": str(out), "items": [asdict(it) for it in plan.items], "batches": batches,
+            "hook_points": list(plan.hook_points), "revision": plan.model.revision,
+            "config_digest": plan.config_digest}
