@@ -10,6 +10,7 @@ later is a flag at once:
     dtype: one_of(...) --dtype {float32,float16,bfloat16}
     layers: Seq[str]   --layers A,B  (or --layer A --layer B)   repeatable, comma lists; "" = empty
     solve_perms: bool  --solve-perms / --no-solve-perms
+    mode: bool | "auto" --mode (= true), --mode false, --mode auto
     a table field      --field '{"json": "object"}'
 
 Help comes from the field's description and default. Only flags the user gave are returned by
@@ -48,6 +49,7 @@ class FieldFlag:
     required: bool
     default: Any
     description: str
+    bare: bool = False  # a boolean among other alternatives: the flag alone means true
 
     @property
     def dest(self) -> str:
@@ -70,6 +72,7 @@ def model_flags(model: type[BaseModel], skip: Iterable[str] = ()) -> list[FieldF
             continue
         alts, nullable = _alternatives(prop)
         kind, item_type, choices = "scalar", None, None
+        bare = len(alts) > 1 and any(a.get("type") == "boolean" for a in alts)
         if len(alts) == 1:
             alt = alts[0]
             if alt.get("type") == "boolean":
@@ -83,7 +86,8 @@ def model_flags(model: type[BaseModel], skip: Iterable[str] = ()) -> list[FieldF
                 choices = tuple(alt["enum"]) if "enum" in alt else None
         out.append(FieldFlag(key=key, flag="--" + key.replace("_", "-"), kind=kind, item_type=item_type,
                              nullable=nullable, choices=choices, required=key in required,
-                             default=prop.get("default"), description=str(prop.get("description") or "")))
+                             default=prop.get("default"), description=str(prop.get("description") or ""),
+                             bare=bare))
     return out
 
 
@@ -173,7 +177,10 @@ def add_model_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, m
             continue
         if f.nullable:
             text += "; 'none' unsets it"
-        parser.add_argument(*names, dest=f.dest, type=_value_parser(f), default=argparse.SUPPRESS,
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if f.bare else {}
+        if f.bare:
+            text += "; the flag alone means true"
+        parser.add_argument(*names, dest=f.dest, type=_value_parser(f), default=argparse.SUPPRESS, **extra,
                             metavar="{" + ",".join(f.choices) + "}" if f.choices else f.key.upper(), help=text)
     return flags
 

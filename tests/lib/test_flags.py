@@ -48,6 +48,20 @@ def test_each_kind_of_field_parses_to_its_type():
     assert parse(Sample) == {}
 
 
+def test_a_switch_that_can_also_be_auto_takes_an_optional_value():
+    from typing import Literal
+
+    class Place(Options):
+        label = "placement"
+        remote: bool | Literal["auto"] = Field("auto", description="where")
+
+    assert parse(Place, "--remote") == {"remote": True}  # the flag alone: true, as a switch
+    assert parse(Place, "--remote", "false") == {"remote": False}
+    assert parse(Place, "--remote", "auto") == {"remote": "auto"}
+    with pytest.raises(BadInputError, match="remote"):
+        validate_layers(Place, [("command line", parse(Place, "--remote", "sometimes"))])
+
+
 @pytest.mark.parametrize("argv,needle", [(["--limit", "eight"], "must be an integer, got 'eight'"),
                                          (["--mode", "slow"], "'slow' is not one of ['fast', 'exact']"),
                                          (["--ratio", "x"], "must be a number")])
