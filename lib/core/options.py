@@ -226,20 +226,16 @@ def read_config_file(path: str | os.PathLike, what: str = "config", hint: str = 
     if not p.is_file():
         raise BadInputError(f"{what} {p}: file not found" + (f"; {hint}" if hint else ""))
     text = p.read_bytes().decode("utf-8", errors="replace")
-    if p.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{p}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
-        except RecursionError:
-            raise BadInputError(f"{p}: not valid JSON (nested too deeply)") from None
-    if p.suffix == ".toml":
-        import tomllib
+    if p.suffix not in (".json", ".toml"):
+        raise BadInputError(f"{what} {p}: unknown suffix {p.suffix!r}; use .json or .toml")
+    import tomllib
 
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise BadInputError(f"{p}: not valid TOML ({exc})") from None
-        except RecursionError:
-            raise BadInputError(f"{p}: not valid TOML (nested too deeply)") from None
-    raise BadInputError(f"{what} {p}: unknown suffix {p.suffix!r}; use .json or .toml")
+    kind, parse, syntax_error = (("JSON", json.loads, json.JSONDecodeError) if p.suffix == ".json"
+                                 else ("TOML", tomllib.loads, tomllib.TOMLDecodeError))
+    try:
+        return parse(text)
+    except syntax_error as exc:
+        where = f":{exc.lineno}:{exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise BadInputError(f"{p}{where}: not valid {kind} ({getattr(exc, 'msg', exc)})") from None
+    except RecursionError:
+        raise BadInputError(f"{p}: not valid {kind} (nested too deeply)") from None

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from tests.reliability.barrier_site.sitecustomize import wait_barrier
+
 
 def capture(args: argparse.Namespace) -> None:
     from lib.capture.run import run_capture
@@ -36,7 +38,7 @@ def capture(args: argparse.Namespace) -> None:
     def timed_commit(*a, **kw):
         if not commits:
             if args.barrier:
-                _barrier(Path(args.barrier), args.parties)  # every writer holds its first batch: now all at once
+                wait_barrier(Path(args.barrier), args.parties, timeout=120)  # every writer holds its first batch: now all at once
             commits.append(time.time())  # [0]: when this writer started committing
         out = commit(*a, **kw)
         commits.append(time.time())
@@ -45,19 +47,6 @@ def capture(args: argparse.Namespace) -> None:
     run.commit_shards = timed_commit  # this worker process only: when each batch was committed
     manifest = run_capture(spec, load_texts(limit=args.limit), args.out)
     print(json.dumps({**manifest, "commit_times": commits}), flush=True)
-
-
-def _barrier(folder: Path, parties: int, timeout: float = 120) -> None:
-    """Wait until `parties` workers have arrived (one file each in `folder`)."""
-    import time
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{os.getpid()}.ready").touch()
-    deadline = time.time() + timeout
-    while len(list(folder.glob("*.ready"))) < parties:
-        if time.time() > deadline:
-            raise TimeoutError(f"barrier {folder}: {parties} workers did not arrive in {timeout} s")
-        time.sleep(0.01)
 
 
 def ledger(args: argparse.Namespace) -> None:

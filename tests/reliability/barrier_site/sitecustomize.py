@@ -8,21 +8,25 @@ this folder on PYTHONPATH.
 """
 
 import os
+import time
+from pathlib import Path
+
+
+def wait_barrier(folder: Path, parties: int, timeout: float = 180) -> None:
+    """Wait until `parties` processes have arrived (one file each in `folder`); the worker
+    processes of tests/reliability/workers.py use it too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{os.getpid()}.ready").touch()
+    deadline = time.time() + timeout
+    while len(list(folder.glob("*.ready"))) < parties:
+        if time.time() > deadline:
+            raise TimeoutError(f"barrier {folder}: {parties} processes did not arrive in {timeout} s")
+        time.sleep(0.01)
+
 
 if os.environ.get("TOURGUIDE_TEST_BARRIER"):
     import importlib.abc
     import sys
-    import time
-    from pathlib import Path
-
-    def _wait(folder: Path, parties: int, timeout: float = 180) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{os.getpid()}.ready").touch()
-        deadline = time.time() + timeout
-        while len(list(folder.glob("*.ready"))) < parties:
-            if time.time() > deadline:
-                raise TimeoutError(f"barrier {folder}: {parties} processes did not arrive in {timeout} s")
-            time.sleep(0.01)
 
     class _Hook(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -40,7 +44,7 @@ if os.environ.get("TOURGUIDE_TEST_BARRIER"):
                 def commit_after_barrier(*args, **kwargs):
                     if not state["waited"]:
                         state["waited"] = True
-                        _wait(Path(os.environ["TOURGUIDE_TEST_BARRIER"]),
+                        wait_barrier(Path(os.environ["TOURGUIDE_TEST_BARRIER"]),
                               int(os.environ.get("TOURGUIDE_TEST_PARTIES", "2")))
                     return commit(*args, **kwargs)
 
