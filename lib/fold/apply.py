@@ -10,6 +10,8 @@ outputs stay in float64 throughout.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from lib.core.errors import BadInputError
@@ -88,9 +90,11 @@ def _rotate_fp32(c64, rot64, rot32, out_dtype):
     if bool(flag.any()):
         idx = flag.nonzero().T
         # sampled dense-dense matmul: float64 dot products at the flagged entries only
-        pattern = torch.sparse_coo_tensor(idx, torch.zeros(idx.shape[1], dtype=c64.dtype, device=c64.device),
-                                          tuple(y.shape), is_coalesced=True).to_sparse_csr()
-        exact = torch.sparse.sampled_addmm(pattern, c64, rot64, beta=0.0).to_sparse_coo().coalesce()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": noise on every fold
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_coo_tensor(idx, torch.zeros(idx.shape[1], dtype=c64.dtype, device=c64.device),
+                                              tuple(y.shape), is_coalesced=True).to_sparse_csr()
+            exact = torch.sparse.sampled_addmm(pattern, c64, rot64, beta=0.0).to_sparse_coo().coalesce()
         i, j = exact.indices()
         y[i, j] = exact.values().to(out_dtype).float()
     return y
