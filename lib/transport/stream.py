@@ -3,12 +3,19 @@
 `stream_pairs` reads each shard once, tensor by tensor (lib.store.safetensors_io reads only the
 named tensors' rows), casts the kept rows straight into float64 chunk buffers of a bounded size and
 hands each full chunk to the accumulators (lib.transport.stats, lib.transport.permutations).
+
+Reading runs one span ahead on a background thread (`READ_AHEAD` spans queued: disk reads and
+the float64 GEMMs overlap, since both release the GIL), and the stored rows (bf16/fp16/fp32)
+are cast into the float64 buffers in one pass by torch, without an intermediate float32 copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +23,9 @@ from lib.core.errors import BadInputError
 from lib.store.safetensors_io import read_rows
 
 CHUNK_BYTES = 32 << 20  # per pair of float64 chunk buffers: big enough for efficient GEMMs
+
+
+READ_AHEAD = 2  # spans read ahead of the accumulation: bounds memory to a few samples' rows
 
 
 @dataclass(frozen=True)
@@ -33,14 +43,51 @@ def chunk_rows_for(width: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return int(min(8192, max(256, chunk_bytes // (8 * max(width, 1)))))
 
 
-def _read_rows(path: str, names: Sequence[str], start: int, stop: int) -> list[np.ndarray]:
-    """Rows [start, stop) of each named tensor of one shard, in the stored dtype (numpy; bf16 → f32)."""
-    out = []
-    for t in read_rows(path, names, start, stop, framework="pt"):
-        if t.dtype.is_floating_point and t.dtype.itemsize < 4:
-            t = t.float()  # numpy has no bfloat16
-        out.append(t.numpy())
-    return out
+def _read_rows(path: str, names: Sequence[str], start: int, stop: int) -> list[Any]:
+    """Rows [start, stop) of each named tensor of one shard, as stored (torch tensors)."""
+    return read_rows(path, names, start, stop, framework="pt")
+
+
+def _read_ahead(spans: Iterable[RowSpan], s_names: Sequence[str], t_names: Sequence[str],
+                depth: int = READ_AHEAD) -> Iterator[tuple[RowSpan, list[Any], list[Any]]]:
+    """(span, student rows, teacher rows) in span order, read `depth` spans ahead on a thread.
+    A read error is re-raised here, in the consumer, at the span where it happened."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for span in spans:
+                if stop.is_set():
+                    return
+                if span.stop <= span.start:
+                    continue
+                item = (span, _read_rows(span.student_shard, s_names, span.start, span.stop),
+                        _read_rows(span.teacher_shard, t_names, span.start, span.stop))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    worker = threading.Thread(target=produce, name="transport-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (an error): let the reader exit
+        worker.join()
 
 
 def stream_pairs(spans: Iterable[RowSpan], tensors: Sequence[tuple[str, str, int, int]],
@@ -54,6 +101,8 @@ def stream_pairs(spans: Iterable[RowSpan], tensors: Sequence[tuple[str, str, int
     """
     if len(tensors) != len(sinks):
         raise ValueError("one sink per tensor pair")
+    import torch
+
     rows = chunk_rows or min(chunk_rows_for(dx + dy) for _, _, dx, dy in tensors)
     bufs = [(np.empty((rows, dx)), np.empty((rows, dy))) for _, _, dx, dy in tensors]
     fill = 0
@@ -68,14 +117,11 @@ def stream_pairs(spans: Iterable[RowSpan], tensors: Sequence[tuple[str, str, int
 
     s_names = [t[0] for t in tensors]
     t_names = [t[1] for t in tensors]
-    for span in spans:
+    views = [(torch.from_numpy(bx), torch.from_numpy(by)) for bx, by in bufs]  # same memory as bufs
+    for span, xs, ys in _read_ahead(spans, s_names, t_names):
         m = span.stop - span.start
-        if m <= 0:
-            continue
-        xs = _read_rows(span.student_shard, s_names, span.start, span.stop)
-        ys = _read_rows(span.teacher_shard, t_names, span.start, span.stop)
         for spec, x, y in zip(tensors, xs, ys, strict=True):
-            if x.shape != (m, spec[2]) or y.shape != (m, spec[3]):
+            if tuple(x.shape) != (m, spec[2]) or tuple(y.shape) != (m, spec[3]):
                 raise BadInputError(
                     f"{span.student_shard} / {span.teacher_shard}: {spec[0]} rows {span.start}:{span.stop} have shapes "
                     f"{list(x.shape)} / {list(y.shape)}, expected [{m}, {spec[2]}] / [{m}, {spec[3]}]; the shard does "
@@ -83,9 +129,9 @@ def stream_pairs(spans: Iterable[RowSpan], tensors: Sequence[tuple[str, str, int
         done = 0
         while done < m:
             take = min(m - done, rows - fill)
-            for (bx, by), x, y in zip(bufs, xs, ys, strict=True):
-                np.copyto(bx[fill:fill + take], x[done:done + take], casting="same_kind")
-                np.copyto(by[fill:fill + take], y[done:done + take], casting="same_kind")
+            for (vx, vy), x, y in zip(views, xs, ys, strict=True):
+                vx[fill:fill + take].copy_(x[done:done + take])  # the one cast, stored dtype → float64
+                vy[fill:fill + take].copy_(y[done:done + take])
             fill += take
             done += take
             if fill == rows:

@@ -125,6 +125,23 @@ def test_stream_pairs_reads_exactly_the_spanned_rows(tmp_path, dtype):
     assert np.concatenate(got_x).dtype == np.float64
 
 
+def test_stream_pairs_read_ahead_surfaces_a_read_error_at_its_span_and_stops(tmp_path):
+    """The reader thread runs ahead; a shard that vanished mid-run raises in the caller after the
+    spans before it were consumed, and no reader thread is left behind."""
+    import threading
+
+    idx = write_capture_from_arrays(tmp_path / "s", [SyntheticSample(f"t{i}", np.arange(6), {"h": np.ones((6, 4)) * i})
+                                                    for i in range(6)])
+    spans = [RowSpan(str(idx.parent / f"sample_{i:04d}.safetensors"), str(idx.parent / f"sample_{i:04d}.safetensors"),
+                     0, 6) for i in range(6)]
+    (idx.parent / "sample_0004.safetensors").unlink()
+    seen = []
+    with pytest.raises(BadInputError, match="sample_0004.safetensors: file not found"):
+        stream_pairs(spans, [("act/h", "act/h", 4, 4)], [lambda a, b: seen.extend(a[:, 0].tolist())], chunk_rows=6)
+    assert seen == [0.0] * 6 + [1.0] * 6 + [2.0] * 6 + [3.0] * 6  # every span before the bad one, in order
+    assert not [t for t in threading.enumerate() if t.name == "transport-read-ahead"]
+
+
 def test_update_refuses_wrong_widths():
     m = CrossMoments(4, 4)
     with pytest.raises(BadInputError, match=r"\[T, 4\]"):
