@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import save_file
 from scipy.stats import ortho_group
 
-from flows.cli import main
+from flows.cli import build_parser, main
 from flows.runners import on_runner, task_runner
 from lib.core.errors import BadInputError
 from lib.core.fanout import FanOut, check_dask_reachable, parse_dask_address
@@ -107,7 +107,6 @@ def test_cli_refuses_an_unreachable_scheduler_and_both_choices_before_prefect(tm
         assert want in capsys.readouterr().err
     assert not (tmp_path / "rot").exists()
     from flows.commands.pipeline import config_from_args
-    from flows.cli import build_parser
 
     args = build_parser().parse_args(["pipeline", "--teacher", "t", "--student", "s", "--dask-workers", "3"])
     assert config_from_args(args).fanout == FanOut(dask_workers=3)  # the pipeline flag comes from the config model
