@@ -23,6 +23,7 @@ from flows.fold import fold_flow
 from flows.placement import deployments_wanted, run_child
 from flows.qa import qa_flow
 from flows.rotate import rotate_flow
+from flows.runners import on_runner
 from flows.scaffold import scaffold_flow
 from lib.fold.checkpoint import read_report
 from lib.pipeline.config import PipelineConfig
@@ -75,9 +76,11 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     spec = run_dir / "transforms.json"
     options = {"solve_permutations": config.permutations, "exclude_position0": config.exclude_position0,
                "pca_dim": config.pca_dim, "model_config": plan["student_dir"] or config.student}
-    rot = rotate_flow(student_index=indexes["student"], teacher_index=indexes["teacher"], layers=plan["blocks"],
-                      output_dir=str(rotations), ledger=str(run_dir / "ledgers" / "rotations"),
-                      spec_out=str(spec), options=options, run_id=f"{config.run_id}-rotate")
+    # per-layer solves (and below, per-variant QA metrics) on threads or Dask: flows.runners
+    rot = on_runner(rotate_flow, config.fanout)(
+        student_index=indexes["student"], teacher_index=indexes["teacher"], layers=plan["blocks"],
+        output_dir=str(rotations), ledger=str(run_dir / "ledgers" / "rotations"), spec_out=str(spec), options=options,
+        run_id=f"{config.run_id}-rotate")
     folded = str(run_dir / "checkpoints" / FOLDED_NAME)
     gate: dict[str, Any] | None = None
     if config.pca_dim is None:
@@ -97,7 +100,7 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
                 gate = fold_flow(**params)["gate"]
             mark_fold_task(folded, inputs["digest"], label=config.run_id)
     eval_path = eval_config_task(config, rot["global"].get("rotation_path"), folded if gate else None, label=config.run_id)
-    qa = qa_flow(config=eval_path, use_deployments=on_gpu_pool)
+    qa = on_runner(qa_flow, config.fanout)(config=eval_path, use_deployments=on_gpu_pool)
     summary = {"run_id": config.run_id, "run_dir": str(run_dir), "scaffold": scaffold, "indexes": indexes,
                "rotate": {k: rot[k] for k in ("layers", "global", "spec", "table", "n_tokens", "n_samples")},
                "gate": gate, "eval_config": eval_path, "qa": qa,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.hooks import log_failure
 from flows.capture import capture_flow
@@ -24,7 +25,13 @@ from tasks.qa import load_eval_config_task, prepare_qa_task, publish_qa_summary_
 from tasks.validate import validate_shards
 
 
-@flow(name="qa", flow_run_name=qa_run_name, log_prints=False, on_failure=[log_failure])
+# Each variant's metrics task in flight streams its own teacher/variant shards: bound the
+# threads; `tourguide qa --dask-address/--dask-workers` replaces the runner (flows.runners).
+DEFAULT_WORKERS = 2
+
+
+@flow(name="qa", flow_run_name=qa_run_name, log_prints=False, on_failure=[log_failure],
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS))
 def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on_failure: bool = True,
             use_deployments: UseDeployments = AUTO) -> dict[str, Any]:
     """QA every variant of the eval config at `config` against its teacher. The captures run
@@ -59,27 +66,38 @@ def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on
 
     t_cap = capture(teacher["name"], teacher["path"], teacher["revision"])
     validate_shards([t_cap["index"]], label=teacher["name"])
-    results = [record_metrics_task(ctx, teacher["name"], t_cap["index"], None, metrics, None, layers)]
-    failures: list[dict[str, str]] = []
+    # Metrics fan out on the flow's task runner (threads, or Dask: flows.runners) while the next
+    # variant captures; every task reads its shards from disk and appends its own ledger rows.
+    # Results and failures are gathered in config order, whatever order the tasks finish in.
+    teacher_job = record_metrics_task.submit(ctx, teacher["name"], t_cap["index"], None, metrics, None, layers)
+    jobs: list[tuple[str, Any]] = []  # (variant, future or the exception of its capture)
     # Variants of one checkpoint (e.g. with and without a rotation) share one capture.
     captured: dict[tuple[str, str | None], Any] = {(teacher["path"], teacher["revision"]): t_cap}
     for v in cfg["variants"]:
+        key = (v["path"], v["revision"])
+        if key not in captured:
+            try:
+                captured[key] = capture(v["name"], v["path"], v["revision"])
+                validate_shards([captured[key]["index"]], label=v["name"])
+            except Exception as exc:
+                captured[key] = exc  # the other variants of this checkpoint fail the same way, without a rerun
+        v_cap = captured[key]
+        if isinstance(v_cap, Exception):
+            jobs.append((v["name"], v_cap))
+            continue
+        transports = [[t["kind"], t["path"]] for t in v["transports"]]
+        jobs.append((v["name"], record_metrics_task.submit(ctx, v["name"], t_cap["index"], v_cap["index"], metrics,
+                                                           transports, layers)))
+    results = [teacher_job.result()]  # the teacher's own rows: their failure stops the night
+    failures: list[dict[str, str]] = []
+    for name, job in jobs:
         try:
-            key = (v["path"], v["revision"])
-            if key not in captured:
-                try:
-                    captured[key] = capture(v["name"], v["path"], v["revision"])
-                    validate_shards([captured[key]["index"]], label=v["name"])
-                except Exception as exc:
-                    captured[key] = exc  # the other variants of this checkpoint fail the same way, without a rerun
-            v_cap = captured[key]
-            if isinstance(v_cap, Exception):
-                raise v_cap
-            transports = [[t["kind"], t["path"]] for t in v["transports"]]
-            results.append(record_metrics_task(ctx, v["name"], t_cap["index"], v_cap["index"], metrics, transports, layers))
+            if isinstance(job, Exception):
+                raise job
+            results.append(job.result())
         except Exception as exc:  # one variant's failure must not cost the others their rows
-            log.error("variant %s failed: %s: %s", v["name"], type(exc).__name__, exc)
-            failures.append({"variant": v["name"], "error": f"{type(exc).__name__}: {exc}"})
+            log.error("variant %s failed: %s: %s", name, type(exc).__name__, exc)
+            failures.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
     publish_qa_summary_task(ctx, results, failures)
     rep = report_flow(run_id=cfg["run_id"], runs_root=cfg["runs_root"], failures=failures) if report else None
     if failures and raise_on_failure:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flows.commands.fanout import add_fanout_flags, fanout_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--night", default=None, help="label of this QA night in the ledger (default: today's UTC date)")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="render the report afterwards (default; --no-report skips it)")
+    add_fanout_flags(p)
     p.set_defaults(func=run)
 
 
@@ -30,9 +33,11 @@ def run(args: argparse.Namespace) -> int:
     # Fail fast on bad input, before Prefect starts its (throwaway) API and before any write.
     cfg = load_eval_config(args.config)
     verify_snapshot(cfg.runs_root, cfg.run_id)
+    fanout = fanout_from_args(args)
     from flows.qa import qa_flow
+    from flows.runners import on_runner
 
-    out = qa_flow(config=args.config, night=args.night, report=args.report)
+    out = on_runner(qa_flow, fanout)(config=args.config, night=args.night, report=args.report)
     for r in out["results"]:
         head = ", ".join(f"{k}={v:.6g}" for k, v in r["headline"].items() if "[" not in k)
         print(f"{r['variant']}: {r['n_rows']} row(s), {r['n_pairs']} sample(s), {r['n_tokens']} tokens; {head}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from flows.commands.fanout import add_fanout_flags, fanout_from_args
+
 
 def _weight(text: str) -> tuple[str, float]:
     layer, sep, w = text.rpartition("=")
@@ -66,9 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec-out", default=None, metavar="transforms.json",
                    help="write the fold's transforms.json here (pooled Q as residual_rotation_path, permutations per layer)")
     p.add_argument("--workers", type=int, default=2,
-                   help="layers solved at once (each holds its own O(d²) moments; with --solve-permutations also "
-                        "O(intermediate_size²) neuron correlations)")
+                   help="layers solved at once on threads, without --dask-* (each holds its own O(d²) moments; with "
+                        "--solve-permutations also O(intermediate_size²) neuron correlations)")
     p.add_argument("--run-id", default=None, help="id recorded in every ledger row (default: rotate-<time>-<random>)")
+    add_fanout_flags(p)
     p.set_defaults(func=run)
 
 
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                             cosine_tokens=args.cosine_tokens, solve_permutations=args.solve_permutations,
                             model_config=args.model_config, full_moments=args.full_moments)
     run_id = args.run_id or new_run_id("rotate")
+    fanout = fanout_from_args(args)  # a bad or unreachable --dask-address fails here, before Prefect starts
     # Fail fast on bad input (indexes, layers, widths, --pca-dim, weights) before Prefect starts;
     # the flow then checks the checksums and the token ids before anything is written.
     plan_rotation(args.student_index, args.teacher_index, args.layer, args.output_dir, ledger=args.ledger,
@@ -90,11 +94,10 @@ def run(args: argparse.Namespace) -> int:
         from lib.core.errors import BadInputError
 
         raise BadInputError(f"--workers must be >= 1, got {args.workers}")
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.rotate import rotate_flow
+    from flows.runners import on_runner
 
-    flow = rotate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
+    flow = on_runner(rotate_flow, fanout, threads=args.workers)
     summary = flow(student_index=args.student_index, teacher_index=args.teacher_index, layers=args.layer,
                           output_dir=args.output_dir, ledger=args.ledger, spec_out=args.spec_out,
                           options=options, run_id=run_id)

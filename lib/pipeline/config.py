@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from lib.core.fanout import DaskAddress, DaskWorkers, FanOut, check_fanout
 from lib.core.options import Options, PathStr, Seq
 from lib.qa.eval_config import Dtype, Metric, RunId, check_metric_list
 from lib.qa.metric_names import METRICS
@@ -45,11 +46,23 @@ class PipelineConfig(Options):
     use_deployments: bool | Literal["auto"] = Field(
         "auto", description="run capture (QA's too) and fold as `gpu` deployments (run_deployment); auto: when this "
                             "run was started from a deployment")
+    dask_address: DaskAddress = None
+    dask_workers: DaskWorkers = None
 
     @field_validator("metrics")
     @classmethod
     def _metric_list(cls, metrics: tuple[str, ...]) -> tuple[str, ...]:
         return check_metric_list(metrics)
+
+    @model_validator(mode="after")
+    def _fanout(self) -> PipelineConfig:
+        check_fanout(self.dask_address, self.dask_workers)
+        return self
+
+    @property
+    def fanout(self) -> FanOut:
+        """Where the per-layer solves and per-variant QA metrics run (flows.runners)."""
+        return FanOut(dask_address=self.dask_address, dask_workers=self.dask_workers)
 
     def run_dir(self) -> Path:
         return Path(self.runs_root) / self.run_id

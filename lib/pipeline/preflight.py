@@ -2,7 +2,8 @@
 cached hub ids), their families are supported, the layers exist on both sides, the widths agree
 (or `pca_dim` bridges them), permutations are solvable, the run folder and the fold output are
 usable, the corpus a scaffolded run was made from is unchanged, and the run id holds no record
-of another config. Reads config.json files and the corpus only: no weights, no forward pass.
+of another config, and a `dask_address` answers. Reads config.json files and the corpus only: no
+weights, no forward pass.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ def preflight(cfg: PipelineConfig) -> dict[str, Any]:
     if (run_dir / MANIFEST_NAME).exists():
         verify_snapshot(cfg.runs_root, cfg.run_id)
     identity = check_run_record(cfg)
+    if cfg.dask_address is not None:  # a scheduler that is not there fails now, not inside the rotate step
+        from lib.core.fanout import check_dask_reachable
+
+        check_dask_reachable(cfg.dask_address)
     return {"run_dir": str(run_dir), "blocks": plan["blocks"], "hooks": plan["hooks"], "fold": fold,
             **{side: {"ref": r.ref, "local_dir": r.local_dir, "revision": r.revision} for side, r in refs.items()},
             **widths, "identity": identity, "recorded": (run_dir / RECORD_NAME).exists()}
