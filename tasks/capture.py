@@ -20,10 +20,11 @@ from tasks.names import model_slug
 @task(name="plan-capture", task_run_name="plan-{label}", retries=0)
 def plan_capture_task(spec: dict[str, Any], output_dir: str, texts: list[str] | None = None,
                       text_files: list[str] | None = None, samples_dir: str | None = None,
-                      limit: int | None = None, label: str = "capture") -> dict[str, Any]:
-    """Check and create the output folder, load the texts, tokenize and lay out capture keys and
-    batches (no weights). Returns lib.capture.plan.prepare_capture's manifest."""
-    return prepare_capture(CaptureSpec.model_validate(spec), output_dir, texts, text_files, samples_dir, limit)
+                      limit: int | None = None, label: str = "capture", partitions: int = 1) -> dict[str, Any]:
+    """Check and create the output folder, load the texts, tokenize and lay out capture keys,
+    batches and partitions (no weights). Returns lib.capture.plan.prepare_capture's manifest."""
+    return prepare_capture(CaptureSpec.model_validate(spec), output_dir, texts, text_files, samples_dir, limit,
+                           partitions)
 
 
 def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
