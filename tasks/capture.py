@@ -13,7 +13,7 @@ from prefect.context import TaskRunContext
 from lib.capture.plan import PlanItem, plan_from_items, prepare_capture, valid_keys
 from lib.capture.run import capture_items
 from lib.capture.spec import CAPTURE_VERSION, CaptureSpec
-from tasks.common import RETRY
+from tasks.common import RETRY, gpu_slot
 from tasks.names import model_slug
 
 
@@ -46,7 +46,8 @@ def capture_batch(spec: dict[str, Any], items: list[dict[str, Any]], hook_points
     cs = CaptureSpec.model_validate(spec)
     plan_items = [PlanItem(**{**it, "token_ids": tuple(it["token_ids"])}) for it in items]
     plan = plan_from_items(cs, plan_items, tuple(hook_points), config_digest)
-    return capture_items(cs, plan, plan_items, output_dir)
+    with gpu_slot():
+        return capture_items(cs, plan, plan_items, output_dir)
 
 
 @task(name="check-capture", task_run_name="check-{label}", retries=0)

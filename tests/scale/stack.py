@@ -97,7 +97,9 @@ def workers(env: dict[str, str], logs_dir: Path, n_gpu: int = 2, n_cpu: int = 1,
     """`n_gpu` gpu workers (CUDA_VISIBLE_DEVICES=i, --limit 1) + `n_cpu` cpu workers, as
     deployments/workers.sh starts them, but one Popen each so a test can SIGKILL one."""
     procs, logs = [], []
-    wenv = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat), **(extra_env or {})}
+    # INFO on the console: a worker's log then names every flow run it submits (tests read it).
+    wenv = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat), "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO",
+            **(extra_env or {})}
     try:
         for pool, n in (("gpu", n_gpu), ("cpu", n_cpu)):
             for i in range(n):
