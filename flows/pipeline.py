@@ -6,7 +6,8 @@ Run it: `tourguide demo` (a planted student), or from Python:
 In-process every step runs in this process. With `use_deployments` ("auto": when this run came
 from a deployment, flows.placement), capture (QA's too) and fold run as the `gpu` deployments
 (`capture/gpu`, `fold/gpu`) through `run_deployment`; results travel as files and ledgers, and
-each child gets an idempotency key so a retried parent starts no duplicates.
+each child gets an idempotency key so a retried parent starts no duplicates. With `partitions` > 1
+each capture is planned here and its partitions run as concurrent `capture/gpu` children.
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     indexes = {}
     for side, model in (("student", config.student), ("teacher", config.teacher)):
         out = str(acts / f"transport-{side}")
-        if on_gpu_pool:
+        if on_gpu_pool and config.partitions == 1:
             run_child("capture/gpu", {"model": model, "output_dir": out, **capture_kw},
                       key=f"{flow_run.id}-capture-{side}")
             indexes[side] = str(Path(out) / "metadata.jsonl")
-        else:
-            indexes[side] = capture_flow(model=model, output_dir=out, **capture_kw)["index"]
+        else:  # partitioned: plan here (cpu), the partitions go to the gpu pool
+            indexes[side] = capture_flow(model=model, output_dir=out, partitions=config.partitions,
+                                         use_deployments=on_gpu_pool, **capture_kw)["index"]
     rotations = run_dir / "rotations"
     spec = run_dir / "transforms.json"
     options = {"solve_permutations": config.permutations, "exclude_position0": config.exclude_position0,

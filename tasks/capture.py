@@ -13,17 +13,18 @@ from prefect.context import TaskRunContext
 from lib.capture.plan import PlanItem, plan_from_items, prepare_capture, valid_keys
 from lib.capture.run import capture_items
 from lib.capture.spec import CAPTURE_VERSION, CaptureSpec
-from tasks.common import RETRY
+from tasks.common import RETRY, gpu_slot
 from tasks.names import model_slug
 
 
 @task(name="plan-capture", task_run_name="plan-{label}", retries=0)
 def plan_capture_task(spec: dict[str, Any], output_dir: str, texts: list[str] | None = None,
                       text_files: list[str] | None = None, samples_dir: str | None = None,
-                      limit: int | None = None, label: str = "capture") -> dict[str, Any]:
-    """Check and create the output folder, load the texts, tokenize and lay out capture keys and
-    batches (no weights). Returns lib.capture.plan.prepare_capture's manifest."""
-    return prepare_capture(CaptureSpec.model_validate(spec), output_dir, texts, text_files, samples_dir, limit)
+                      limit: int | None = None, label: str = "capture", partitions: int = 1) -> dict[str, Any]:
+    """Check and create the output folder, load the texts, tokenize and lay out capture keys,
+    batches and partitions (no weights). Returns lib.capture.plan.prepare_capture's manifest."""
+    return prepare_capture(CaptureSpec.model_validate(spec), output_dir, texts, text_files, samples_dir, limit,
+                           partitions)
 
 
 def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -45,7 +46,8 @@ def capture_batch(spec: dict[str, Any], items: list[dict[str, Any]], hook_points
     cs = CaptureSpec.model_validate(spec)
     plan_items = [PlanItem(**{**it, "token_ids": tuple(it["token_ids"])}) for it in items]
     plan = plan_from_items(cs, plan_items, tuple(hook_points), config_digest)
-    return capture_items(cs, plan, plan_items, output_dir)
+    with gpu_slot():
+        return capture_items(cs, plan, plan_items, output_dir)
 
 
 @task(name="check-capture", task_run_name="check-{label}", retries=0)

@@ -17,7 +17,7 @@ from lib.fold.checkpoint import fold_from_spec, prepare_fold
 from lib.fold.gate import GateOptions, format_gate
 from lib.fold.gate_record import gate_failure, gate_from_spec
 from lib.fold.options import FoldOptions
-from tasks.common import RETRY
+from tasks.common import RETRY, gpu_slot
 from tasks.names import path_key
 
 
@@ -41,8 +41,9 @@ def write_folded_checkpoint(source_dir: str, spec: str, output_dir: str, options
                             allow_inexact: bool = False, allow_outside_paths: bool = False,
                             label: str = "fold") -> dict[str, Any]:
     """Stream the source through the transforms into sharded safetensors (temp folder + rename)."""
-    result = fold_from_spec(source_dir, output_dir, spec, FoldOptions.model_validate(options), allow_inexact=allow_inexact,
-                            allow_outside_paths=allow_outside_paths)
+    with gpu_slot():
+        result = fold_from_spec(source_dir, output_dir, spec, FoldOptions.model_validate(options),
+                                allow_inexact=allow_inexact, allow_outside_paths=allow_outside_paths)
     get_run_logger().info("wrote %s: %d tensors (%d transformed), %d shard(s), %.1f MB in %.1f s", result.output_dir,
                           result.n_tensors, result.n_transformed, len(result.shards), result.bytes_written / 1e6,
                           result.seconds)
@@ -55,9 +56,10 @@ def gate_folded_checkpoint(source_dir: str, output_dir: str, spec: str, gate_opt
                            source_ref: str | None = None, label: str = "fold") -> dict[str, Any]:
     """Reload the output, compare with the source in fp32, record the report/ledger, post the
     figures as a markdown artifact; raise GateFailedError when an exact fold fails."""
-    result = gate_from_spec(source_dir, output_dir, spec, GateOptions.model_validate(gate_options),
-                            allow_inexact=allow_inexact, allow_outside_paths=allow_outside_paths,
-                            source_ref=source_ref, raise_on_failure=False)
+    with gpu_slot():
+        result = gate_from_spec(source_dir, output_dir, spec, GateOptions.model_validate(gate_options),
+                                allow_inexact=allow_inexact, allow_outside_paths=allow_outside_paths,
+                                source_ref=source_ref, raise_on_failure=False)
     markdown = format_gate(result, title=f"Fold gate for {output_dir}")
     create_markdown_artifact(markdown=markdown, key=path_key("fold-gate", output_dir, label),
                              description=f"equivalence gate of {output_dir}")

@@ -145,7 +145,13 @@ def safe_name(make: Any, fallback: str) -> str:
 
 
 def capture_run_name() -> str:
-    return safe_name(lambda: capture_name((p := current_parameters()).get("output_dir"), p.get("model")), "capture")
+    def make() -> str:
+        p = current_parameters()
+        part = p.get("partition")  # a partition child: capture-…-p1of4
+        return capture_name(p.get("output_dir"), p.get("model")) + (
+            f"-p{part}of{p.get('partitions')}" if part is not None else "")
+
+    return safe_name(make, "capture")
 
 
 def fold_run_name() -> str:

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-home", default=None, help="HF_HOME to look in for hub models (its hub/ cache)")
     p.add_argument("--hf-hub-cache", default=None, help="HF hub cache folder to look in (overrides --hf-home)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="split the batches into N partitions (balanced by tokens), each a child run; from a "
+                        "deployment they run concurrently as `capture/gpu` runs, here one after another")
     p.add_argument("--analyze", action="store_true", help="print the per-layer mean / max |activation| table afterwards")
     v = p.add_argument_group("vLLM backend")
     v.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
@@ -67,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
                        vllm_options=vllm_options)
     # Fail fast on bad input, before Prefect starts its (throwaway) API and before any write.
     check_output_dir(args.output_dir)
+    if args.partitions < 1:
+        from lib.core.errors import BadInputError
+
+        raise BadInputError(f"--partitions {args.partitions}: must be >= 1 (1 = no partitions)")
     plan = plan_capture(spec, load_texts(args.text, args.text_file, limit=args.limit))
     if args.backend == "vllm":
         from lib.capture.vllm_support import require_vllm
@@ -79,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                             max_length=args.max_length, batch_size=args.batch_size, logits=args.logits,
                             backend=args.backend, revision=args.revision, hf_home=args.hf_home,
                             hf_hub_cache=args.hf_hub_cache, limit=args.limit, vllm_options=vllm_options,
-                            trust_remote_code=args.trust_remote_code, progress=True)
+                            trust_remote_code=args.trust_remote_code, progress=True, partitions=args.partitions)
     print(f"{manifest['n_samples']} sample(s): {manifest['n_computed']} computed, {manifest['n_reused']} reused "
           f"→ {manifest['index']}")
     if args.analyze:

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from lib.capture.partition import partition_batches
 from lib.capture.spec import CAPTURE_VERSION, CaptureSpec, HookPoint
 from lib.core.digests import sha256_json
 from lib.core.errors import BadInputError
@@ -176,18 +177,21 @@ def batches_by_length(items: list[PlanItem], batch_size: int) -> list[list[PlanI
 
 def prepare_capture(spec: CaptureSpec, output_dir: str | Path, texts: list[str] | None = None,
                     text_files: list[str] | None = None, samples_dir: str | Path | None = None,
-                    limit: int | None = None) -> dict[str, Any]:
+                    limit: int | None = None, partitions: int = 1) -> dict[str, Any]:
     """Everything the capture flow needs before its first forward, as JSON: the output folder
-    checked and created, the texts loaded, the plan, and its items grouped into batches.
+    checked and created, the texts loaded, the plan, its items grouped into batches, and the
+    batches split into `partitions` (lib.capture.partition: deterministic, balanced by tokens).
 
-    Returns {"output_dir", "items", "batches" (lists of item positions), "hook_points",
-    "revision", "config_digest"}.
+    Returns {"output_dir", "items", "batches" (lists of item positions), "partitions" (lists of
+    batch numbers, one per partition), "hook_points", "revision", "config_digest"}.
     """
+
     out = check_output_dir(output_dir)
     plan = plan_capture(spec, load_texts(texts, text_files, samples_dir or SAMPLES_DIR, limit))
     out.mkdir(parents=True, exist_ok=True)
     position = {it.capture_key: i for i, it in enumerate(plan.items)}
     batches = [[position[it.capture_key] for it in b] for b in batches_by_length(list(plan.items), spec.batch_size)]
-    return {"output_dir": str(out), "items": [asdict(it) for it in plan.items], "batches": batches,
+    parts = partition_batches(batches, [len(it.token_ids) for it in plan.items], partitions)
+    return {"output_dir": str(out), "items": [asdict(it) for it in plan.items], "batches": batches, "partitions": parts,
             "hook_points": list(plan.hook_points), "revision": plan.model.revision,
             "config_digest": plan.config_digest}

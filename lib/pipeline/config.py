@@ -43,6 +43,8 @@ class PipelineConfig(Options):
                                                        "pca_dim: nothing is folded then)")
     exclude_position0: bool = Field(False, description="leave position-0 (attention-sink) tokens out of the statistics")
     pca_dim: int | None = Field(None, ge=1, description="PCA dimension when hidden sizes differ")
+    partitions: int = Field(1, ge=1, description="capture partitions per model: each a child run (concurrent "
+                                                 "`capture/gpu` runs with deployments)")
     use_deployments: bool | Literal["auto"] = Field(
         "auto", description="run capture (QA's too) and fold as `gpu` deployments (run_deployment); auto: when this "
                             "run was started from a deployment")
