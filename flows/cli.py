@@ -1,8 +1,9 @@
 """The `tourguide` command line: `tourguide <command> --help` explains each command.
 
 Quick read-only commands (analyze, validate) call `lib` directly; long jobs run as Prefect
-flows (with no PREFECT_API_URL set, Prefect starts a throwaway local API: ~15 s; run
-`prefect server start` and export PREFECT_API_URL to make every command fast and visible).
+flows. Every command uses the server `tourguide server start` left running (its pid file under the
+Prefect home), or PREFECT_API_URL when set; otherwise Prefect starts a throwaway local API in each
+process (~15-30 s), and the command says so in one line.
 """
 
 from __future__ import annotations
@@ -14,7 +15,33 @@ import os
 import sys
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
-COMMANDS = ["capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa", "report", "demo", "pipeline"]
+COMMANDS = ["capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa", "report", "demo", "pipeline",
+            "server"]
+# Commands that always run a flow (scaffold/report run one with --flow; validate never without a server).
+FLOW_COMMANDS = {"capture", "rotate", "fold", "qa", "demo", "pipeline"}
+# A first throwaway API migrates a fresh database: Prefect's 20 s default fails new users' first command.
+EPHEMERAL_TIMEOUT_S = "120"
+
+
+def connect_or_hint(args: argparse.Namespace) -> None:
+    """Use the running local server (sets PREFECT_API_URL), or say once that a throwaway API starts."""
+    from lib.store.server import connect
+
+    if args.command == "server" or connect() is not None:
+        return
+    if args.command in FLOW_COMMANDS or getattr(args, "flow", False):
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_TIMEOUT_S)
+        print("tourguide: no Prefect server running, starting a throwaway one for this command "
+              "(`tourguide server start` makes later commands faster)", file=sys.stderr)
+
+
+def _ephemeral_failed(args: argparse.Namespace) -> None:
+    timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_TIMEOUT_S)
+    print(f"tourguide {args.command}: error: Prefect's throwaway API did not start within {timeout} s (a first "
+          "start migrates its database; the machine may be loaded). Fix: run `tourguide server start` once (it "
+          "waits as long as needed) and re-run this command, or raise "
+          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.", file=sys.stderr)
+    sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     from lib.core.errors import TourGuideError
 
     try:
+        connect_or_hint(args)
         code = args.func(args)
     except TourGuideError as exc:
         print(f"tourguide {args.command}: error: {exc}", file=sys.stderr)
@@ -51,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
               "make the path writable (or readable), or pass another --output-dir; everything written before is "
               "complete, and the same command resumes.", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as exc:
+        if "ephemeral Prefect API" not in str(exc):
+            raise
+        _ephemeral_failed(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
