@@ -6,17 +6,16 @@ Run it: `tourguide capture --model ./my-model --output-dir runs/x/activations/st
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from tqdm.auto import tqdm
 
 from flows.hooks import log_failure
 from lib.capture.spec import CaptureSpec
 from lib.core.errors import ChecksumError
+from lib.core.progress import stage
 from tasks.capture import capture_batch, missing_items_task, plan_capture_task
 from tasks.names import capture_run_name, model_slug, path_key
 from tasks.validate import validate_shards
@@ -56,17 +55,14 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
     # inside it, samples that still have a valid shard are not recomputed.
     pending = missing_items_task(items, str(out), label=model_slug(model))
     pending_keys = {it["capture_key"] for it in pending}
-    bar = tqdm(total=len(items), desc=f"capture {model_slug(model)}", unit="sample",
-               disable=not progress, file=sys.stderr)
-    try:
+    # `progress` is kept for callers of the flow; the console (`lib.core.progress.enable`) decides.
+    with stage(f"capture {model_slug(model)}", total=len(items), unit="samples") as bar:
         for i, batch in enumerate(batches_d):
             stale = any(it["capture_key"] in pending_keys for it in batch)
             run_batch = capture_batch.with_options(refresh_cache=True) if stale else capture_batch
             run_batch(spec_d, batch, hooks, digest, str(out), label=_label(model, batch))
-            bar.update(len(batch))
+            bar.advance(len(batch))
             update_progress_artifact(artifact, progress=100.0 * (i + 1) / max(len(batches_d), 1))
-    finally:
-        bar.close()  # ends the bar's line, so an error message starts on a line of its own
     absent = missing_items_task(items, str(out), label=model_slug(model), verify=False)
     if absent:
         raise ChecksumError(f"{len(absent)} sample(s) have no index row in {out} after capturing: "

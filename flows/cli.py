@@ -19,20 +19,26 @@ COMMANDS = ["capture", "validate", "analyze", "rotate", "fold", "scaffold", "qa"
             "server"]
 # Commands that always run a flow (scaffold/report run one with --flow; validate never without a server).
 FLOW_COMMANDS = {"capture", "rotate", "fold", "qa", "demo", "pipeline"}
+QUICK_COMMANDS = {"analyze", "server"}  # never run a flow
 # A first throwaway API migrates a fresh database: Prefect's 20 s default fails new users' first command.
 EPHEMERAL_TIMEOUT_S = "120"
 
 
-def connect_or_hint(args: argparse.Namespace) -> None:
-    """Use the running local server (sets PREFECT_API_URL), or say once that a throwaway API starts."""
+def connect_or_hint(args: argparse.Namespace) -> bool:
+    """Use the running local server (sets PREFECT_API_URL), or say once that a throwaway API starts.
+    Returns whether this command will run a Prefect flow."""
     from lib.store.server import connect
 
-    if args.command == "server" or connect() is not None:
-        return
+    if args.command in QUICK_COMMANDS:
+        return False
+    if connect() is not None:
+        return True
     if args.command in FLOW_COMMANDS or getattr(args, "flow", False):
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_TIMEOUT_S)
         print("tourguide: no Prefect server running, starting a throwaway one for this command "
               "(`tourguide server start` makes later commands faster)", file=sys.stderr)
+        return True
+    return False
 
 
 def _ephemeral_failed(args: argparse.Namespace) -> None:
@@ -53,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"flows.commands.{name}").register(sub)
+    from flows.console import add_verbose_flag
+
+    for name, command_parser in sub.choices.items():
+        if name not in QUICK_COMMANDS:
+            add_verbose_flag(command_parser)
     return parser
 
 
@@ -63,29 +74,36 @@ def main(argv: list[str] | None = None) -> None:
     if not getattr(args, "command", None):
         parser.print_help()
         sys.exit(0)
+    from flows.console import Console
     from lib.core.errors import TourGuideError
 
+    console = Console(args)
     try:
-        connect_or_hint(args)
+        if connect_or_hint(args):
+            console.quiet_environment()
+            console.attach()
         code = args.func(args)
     except TourGuideError as exc:
-        print(f"tourguide {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tourguide {args.command}: error: {console.failure(str(exc), exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except OSError as exc:
-        if exc.errno not in _DISK_ERRNOS:
-            raise
-        # A full or read-only disk is the user's to fix, not a bug: one line, no traceback.
-        print(f"tourguide {args.command}: error: {exc.filename or ''}: {exc.strerror}. Fix: free space on that disk, "
-              "make the path writable (or readable), or pass another --output-dir; everything written before is "
-              "complete, and the same command resumes.", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as exc:
-        if "ephemeral Prefect API" not in str(exc):
-            raise
-        _ephemeral_failed(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            # A full or read-only disk is the user's to fix, not a bug: one line, no traceback.
+            print(f"tourguide {args.command}: error: {exc.filename or ''}: {exc.strerror}. Fix: free space on that "
+                  "disk, make the path writable (or readable), or pass another --output-dir; everything written "
+                  "before is complete, and the same command resumes.", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(exc, RuntimeError) and "ephemeral Prefect API" in str(exc):
+            _ephemeral_failed(args)
+        if console.log_path is None or console.verbose:
+            raise  # no flow ran (a bug before Prefect started), or the user asked for the traceback
+        # A failure inside a flow: one line; the traceback is in the log (and the run's state in the UI).
+        print(f"tourguide {args.command}: error: {console.failure(f'{type(exc).__name__}: {exc}', exc)}",
+              file=sys.stderr)
+        sys.exit(1)
     sys.exit(int(code or 0))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.hooks import log_failure
+from lib.core.progress import stage
 from flows.capture import capture_flow
 from flows.placement import AUTO, UseDeployments, deployments_wanted, run_child
 from flows.report import report_flow
@@ -57,29 +58,32 @@ def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on
             return {"index": str(Path(out) / "metadata.jsonl")}
         return capture_flow(model=path, revision=revision, output_dir=out, **capture_kw)
 
-    t_cap = capture(teacher["name"], teacher["path"], teacher["revision"])
-    validate_shards([t_cap["index"]], label=teacher["name"])
-    results = [record_metrics_task(ctx, teacher["name"], t_cap["index"], None, metrics, None, layers)]
-    failures: list[dict[str, str]] = []
-    # Variants of one checkpoint (e.g. with and without a rotation) share one capture.
-    captured: dict[tuple[str, str | None], Any] = {(teacher["path"], teacher["revision"]): t_cap}
-    for v in cfg["variants"]:
-        try:
-            key = (v["path"], v["revision"])
-            if key not in captured:
-                try:
-                    captured[key] = capture(v["name"], v["path"], v["revision"])
-                    validate_shards([captured[key]["index"]], label=v["name"])
-                except Exception as exc:
-                    captured[key] = exc  # the other variants of this checkpoint fail the same way, without a rerun
-            v_cap = captured[key]
-            if isinstance(v_cap, Exception):
-                raise v_cap
-            transports = [[t["kind"], t["path"]] for t in v["transports"]]
-            results.append(record_metrics_task(ctx, v["name"], t_cap["index"], v_cap["index"], metrics, transports, layers))
-        except Exception as exc:  # one variant's failure must not cost the others their rows
-            log.error("variant %s failed: %s: %s", v["name"], type(exc).__name__, exc)
-            failures.append({"variant": v["name"], "error": f"{type(exc).__name__}: {exc}"})
+    with stage(f"qa {cfg['run_id']}", total=1 + len(cfg["variants"]), unit="models") as bar:
+        t_cap = capture(teacher["name"], teacher["path"], teacher["revision"])
+        validate_shards([t_cap["index"]], label=teacher["name"])
+        results = [record_metrics_task(ctx, teacher["name"], t_cap["index"], None, metrics, None, layers)]
+        bar.advance()
+        failures: list[dict[str, str]] = []
+        # Variants of one checkpoint (e.g. with and without a rotation) share one capture.
+        captured: dict[tuple[str, str | None], Any] = {(teacher["path"], teacher["revision"]): t_cap}
+        for v in cfg["variants"]:
+            try:
+                key = (v["path"], v["revision"])
+                if key not in captured:
+                    try:
+                        captured[key] = capture(v["name"], v["path"], v["revision"])
+                        validate_shards([captured[key]["index"]], label=v["name"])
+                    except Exception as exc:
+                        captured[key] = exc  # the other variants of this checkpoint fail the same way, without a rerun
+                v_cap = captured[key]
+                if isinstance(v_cap, Exception):
+                    raise v_cap
+                transports = [[t["kind"], t["path"]] for t in v["transports"]]
+                results.append(record_metrics_task(ctx, v["name"], t_cap["index"], v_cap["index"], metrics, transports, layers))
+            except Exception as exc:  # one variant's failure must not cost the others their rows
+                log.error("variant %s failed: %s: %s", v["name"], type(exc).__name__, exc)
+                failures.append({"variant": v["name"], "error": f"{type(exc).__name__}: {exc}"})
+            bar.advance()
     publish_qa_summary_task(ctx, results, failures)
     rep = report_flow(run_id=cfg["run_id"], runs_root=cfg["runs_root"], failures=failures) if report else None
     if failures and raise_on_failure:
