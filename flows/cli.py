@@ -24,21 +24,19 @@ QUICK_COMMANDS = {"analyze", "server"}  # never run a flow
 EPHEMERAL_TIMEOUT_S = "120"
 
 
-def connect_or_hint(args: argparse.Namespace) -> bool:
-    """Use the running local server (sets PREFECT_API_URL), or say once that a throwaway API starts.
-    Returns whether this command will run a Prefect flow."""
-    from lib.store.server import connect
+def connect(args: argparse.Namespace) -> str | None:
+    """Use the running local server (sets PREFECT_API_URL): "server"; or "throwaway" when this
+    command will start Prefect's throwaway API; None when it runs no flow."""
+    from lib.store.server import connect as use_running_server
 
     if args.command in QUICK_COMMANDS:
-        return False
-    if connect() is not None:
-        return True
+        return None
+    if use_running_server() is not None:
+        return "server"
     if args.command in FLOW_COMMANDS or getattr(args, "flow", False):
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_TIMEOUT_S)
-        print("tourguide: no Prefect server running, starting a throwaway one for this command "
-              "(`tourguide server start` makes later commands faster)", file=sys.stderr)
-        return True
-    return False
+        return "throwaway"
+    return None
 
 
 def _ephemeral_failed(args: argparse.Namespace) -> None:
@@ -77,11 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     from flows.console import Console
     from lib.core.errors import TourGuideError
 
-    console = Console(args)
+    mode = connect(args)
+    console = Console(args, throwaway=mode == "throwaway")  # attaches when the command loads its flow
     try:
-        if connect_or_hint(args):
+        if mode:
             console.quiet_environment()
-            console.attach()
         code = args.func(args)
     except TourGuideError as exc:
         print(f"tourguide {args.command}: error: {console.failure(str(exc), exc)}", file=sys.stderr)

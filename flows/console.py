@@ -12,6 +12,7 @@ step (task or flow run) that failed, and the log path; the traceback goes into t
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -65,15 +66,41 @@ def log_path_for(args: argparse.Namespace) -> Path:
     return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser() / "logs" / f"{args.command}.log"
 
 
+THROWAWAY_HINT = ("tourguide: no Prefect server running, starting a throwaway one for this command "
+                  "(`tourguide server start` makes later commands faster)")
+_ACTIVE: Console | None = None
+
+
+def load_flow(name: str):
+    """`flows.<name>.<name>_flow`, imported once the command's own checks passed: the console
+    attaches its log file (and says a throwaway API starts) only then, so bad input fails before
+    Prefect is imported and before anything is written."""
+    if _ACTIVE is not None:
+        _ACTIVE.flow_starts()
+    return getattr(importlib.import_module(f"flows.{name}"), f"{name}_flow")
+
+
 class Console:
     """Set up before the command imports prefect/transformers (`quiet_environment`), attach the
-    log file once Prefect's logging is configured (`attach`), and format failures (`failure`)."""
+    log file once a flow is about to run (`flow_starts`), and format failures (`failure`)."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, throwaway: bool = False):
+        global _ACTIVE
         self.args = args
         self.verbose = bool(getattr(args, "verbose", False))
+        self.throwaway = throwaway
         self.log_path: Path | None = None
         self.step = _FailedStep()
+        self._started = False
+        _ACTIVE = self
+
+    def flow_starts(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.throwaway:
+            print(THROWAWAY_HINT, file=sys.stderr)
+        self.attach()
 
     def quiet_environment(self) -> None:
         from lib.core import progress

@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     # Fail fast on bad input, before Prefect starts its (throwaway) API and before any write.
     cfg = load_eval_config(args.config)
     verify_snapshot(cfg.runs_root, cfg.run_id)
-    from flows.qa import qa_flow
+    from flows.console import load_flow
+
+    qa_flow = load_flow("qa")
 
     out = qa_flow(config=args.config, night=args.night, report=args.report)
     for r in out["results"]:

@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--workers must be >= 1, got {args.workers}")
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.rotate import rotate_flow
+    from flows.console import load_flow
+
+
+    rotate_flow = load_flow("rotate")
 
     flow = rotate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
     summary = flow(student_index=args.student_index, teacher_index=args.teacher_index, layers=args.layer,
