@@ -59,8 +59,8 @@ class Stage:
                 pass
             else:
                 self._live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn(unit), TimeElapsedColumn(), TextColumn("left"),
-                                      TimeRemainingColumn(), console=Console(file=stream), transient=False)
+                                      TextColumn(unit), TimeElapsedColumn(), TextColumn("elapsed,"),
+                                      TimeRemainingColumn(), TextColumn("left"), console=Console(file=stream), transient=False)
                 self._live.start()
                 self._task = self._live.add_task(name, total=self.total or None)
         self._tty = tty
