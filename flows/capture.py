@@ -13,18 +13,17 @@ concurrent writers) and resumes on its own; the parent then checks and validates
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from tqdm.auto import tqdm
 
 from flows.hooks import log_failure
 from flows.placement import AUTO, UseDeployments, deployments_wanted, run_children
 from lib.capture.spec import CaptureSpec
 from lib.core.errors import ChecksumError
+from lib.core.progress import stage
 from tasks.capture import capture_batch, missing_items_task, plan_capture_task
 from tasks.names import capture_run_name, model_slug, path_key
 from tasks.validate import validate_shards
@@ -89,16 +88,13 @@ def capture_flow(model: str, output_dir: str = "activations", texts: list[str] |
 
 def _capture(spec_d: dict[str, Any], model: str, batches_d: list[list[dict[str, Any]]], pending_keys: set[str],
              hooks: list[str], digest: str, out: Path, progress: bool, artifact_key: str) -> None:
-    """One cached task per batch, with a progress artifact (and a terminal bar with `progress`)."""
+    """One cached task per batch, with a progress artifact and a console stage (lib.core.progress:
+    the console decides whether it shows; `progress` is kept for callers of the flow)."""
     artifact = create_progress_artifact(progress=0.0, key=artifact_key, description=f"capture {model} → {out}")
-    bar = tqdm(total=sum(map(len, batches_d)), desc=f"capture {model_slug(model)}", unit="sample",
-               disable=not progress, file=sys.stderr)
-    try:
+    with stage(f"capture {model_slug(model)}", total=sum(map(len, batches_d)), unit="samples") as bar:
         for i, batch in enumerate(batches_d):
             stale = any(it["capture_key"] in pending_keys for it in batch)
             run_batch = capture_batch.with_options(refresh_cache=True) if stale else capture_batch
             run_batch(spec_d, batch, hooks, digest, str(out), label=_label(model, batch))
-            bar.update(len(batch))
+            bar.advance(len(batch))
             update_progress_artifact(artifact, progress=100.0 * (i + 1) / max(len(batches_d), 1))
-    finally:
-        bar.close()  # ends the bar's line, so an error message starts on a line of its own

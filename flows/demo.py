@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.hooks import log_failure
 from flows.pipeline import pipeline_flow
 from lib.demo.teacher import DemoRecipe
 from lib.pipeline.config import PipelineConfig
@@ -18,7 +19,7 @@ from tasks.demo import demo_teacher_task, link_teacher_task, plant_student_task,
 
 # validate_parameters=False: `recipe` is validated by DemoRecipe.parse (a BadInputError naming the
 # key) rather than by Prefect (a ParameterTypeError); the UI still renders it as a form.
-@flow(name="demo", flow_run_name="demo-{run_id}", log_prints=False, validate_parameters=False)
+@flow(name="demo", flow_run_name="demo-{run_id}", log_prints=False, validate_parameters=False, on_failure=[log_failure])
 def demo_flow(run_id: str = "demo", runs_root: str = "runs", noise: float = 0.01, seed: int = 0,
               limit: int | None = None, max_length: int | None = 64, batch_size: int = 32,
               recipe: DemoRecipe | None = None) -> dict[str, Any]:

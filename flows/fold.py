@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.hooks import log_failure
+from lib.core.progress import stage
 from lib.fold.gate import GateOptions
 from lib.fold.options import FoldOptions
 from tasks.fold import gate_folded_checkpoint, validate_fold_spec, write_folded_checkpoint
@@ -33,11 +34,15 @@ def fold_flow(checkpoint: str, output_dir: str, spec: str, options: FoldOptions 
     fold_opts = FoldOptions.parse(options or {}, "fold_flow options").model_dump(mode="json")
     gate_opts = GateOptions.parse(gate_options or {}, "fold_flow gate_options").model_dump(mode="json")
     label = label or Path(output_dir).name
-    plan = validate_fold_spec(checkpoint, spec, output_dir, fold_opts, allow_inexact, allow_outside_paths, revision,
-                              hf_home, hf_hub_cache, label=label)
-    fold = write_folded_checkpoint(plan["source_dir"], spec, output_dir, fold_opts, allow_inexact,
-                                   allow_outside_paths, label=label)
-    gate = gate_folded_checkpoint(plan["source_dir"], output_dir, spec, gate_opts, allow_inexact,
-                                  allow_outside_paths, source_ref=checkpoint, label=label)
+    with stage(f"fold {label}", total=3, unit="steps (check, write, gate)") as bar:
+        plan = validate_fold_spec(checkpoint, spec, output_dir, fold_opts, allow_inexact, allow_outside_paths, revision,
+                                  hf_home, hf_hub_cache, label=label)
+        bar.advance()
+        fold = write_folded_checkpoint(plan["source_dir"], spec, output_dir, fold_opts, allow_inexact,
+                                       allow_outside_paths, label=label)
+        bar.advance()
+        gate = gate_folded_checkpoint(plan["source_dir"], output_dir, spec, gate_opts, allow_inexact,
+                                      allow_outside_paths, source_ref=checkpoint, label=label)
+        bar.advance()
     get_run_logger().info("fold %s -> %s: %s", checkpoint, output_dir, gate["status"])
     return {"plan": plan, "fold": fold, "gate": gate}

@@ -16,4 +16,5 @@ def log_failure(flow: Any, flow_run: Any, state: Any) -> None:
 
     flow_run_logger(flow_run, flow).error(
         "%s run %s %s: %s (state message: prefect flow-run inspect %s)", flow.name, flow_run.name,
-        state.name.lower(), state.message or "no message", flow_run.id)
+        state.name.lower(), state.message or "no message", flow_run.id,
+        extra={"tourguide_failure": True})  # the CLI's console prints its own one-line failure instead

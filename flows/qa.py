@@ -15,11 +15,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.hooks import log_failure
 from flows.capture import capture_flow
+from flows.hooks import log_failure
 from flows.placement import AUTO, UseDeployments, deployments_wanted, run_child
 from flows.report import report_flow
 from lib.core.errors import TourGuideError
+from lib.core.progress import stage
 from tasks.names import qa_run_name
 from tasks.qa import load_eval_config_task, prepare_qa_task, publish_qa_summary_task, record_metrics_task
 from tasks.validate import validate_shards
@@ -64,40 +65,44 @@ def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on
             return {"index": str(Path(out) / "metadata.jsonl")}
         return capture_flow(model=path, revision=revision, output_dir=out, **capture_kw)
 
-    t_cap = capture(teacher["name"], teacher["path"], teacher["revision"])
-    validate_shards([t_cap["index"]], label=teacher["name"])
-    # Metrics fan out on the flow's task runner (threads, or Dask: flows.runners) while the next
-    # variant captures; every task reads its shards from disk and appends its own ledger rows.
-    # Results and failures are gathered in config order, whatever order the tasks finish in.
-    teacher_job = record_metrics_task.submit(ctx, teacher["name"], t_cap["index"], None, metrics, None, layers)
-    jobs: list[tuple[str, Any]] = []  # (variant, future or the exception of its capture)
-    # Variants of one checkpoint (e.g. with and without a rotation) share one capture.
-    captured: dict[tuple[str, str | None], Any] = {(teacher["path"], teacher["revision"]): t_cap}
-    for v in cfg["variants"]:
-        key = (v["path"], v["revision"])
-        if key not in captured:
+    # The console stage counts models captured; their metrics may still be running on the runner.
+    with stage(f"qa {cfg['run_id']}", total=1 + len(cfg["variants"]), unit="models") as bar:
+        t_cap = capture(teacher["name"], teacher["path"], teacher["revision"])
+        validate_shards([t_cap["index"]], label=teacher["name"])
+        # Metrics fan out on the flow's task runner (threads, or Dask: flows.runners) while the next
+        # variant captures; every task reads its shards from disk and appends its own ledger rows.
+        # Results and failures are gathered in config order, whatever order the tasks finish in.
+        teacher_job = record_metrics_task.submit(ctx, teacher["name"], t_cap["index"], None, metrics, None, layers)
+        bar.advance()
+        jobs: list[tuple[str, Any]] = []  # (variant, future or the exception of its capture)
+        # Variants of one checkpoint (e.g. with and without a rotation) share one capture.
+        captured: dict[tuple[str, str | None], Any] = {(teacher["path"], teacher["revision"]): t_cap}
+        for v in cfg["variants"]:
+            key = (v["path"], v["revision"])
+            if key not in captured:
+                try:
+                    captured[key] = capture(v["name"], v["path"], v["revision"])
+                    validate_shards([captured[key]["index"]], label=v["name"])
+                except Exception as exc:
+                    captured[key] = exc  # the other variants of this checkpoint fail the same way, without a rerun
+            v_cap = captured[key]
+            bar.advance()
+            if isinstance(v_cap, Exception):
+                jobs.append((v["name"], v_cap))
+                continue
+            transports = [[t["kind"], t["path"]] for t in v["transports"]]
+            jobs.append((v["name"], record_metrics_task.submit(ctx, v["name"], t_cap["index"], v_cap["index"], metrics,
+                                                               transports, layers)))
+        results = [teacher_job.result()]  # the teacher's own rows: their failure stops the night
+        failures: list[dict[str, str]] = []
+        for name, job in jobs:
             try:
-                captured[key] = capture(v["name"], v["path"], v["revision"])
-                validate_shards([captured[key]["index"]], label=v["name"])
-            except Exception as exc:
-                captured[key] = exc  # the other variants of this checkpoint fail the same way, without a rerun
-        v_cap = captured[key]
-        if isinstance(v_cap, Exception):
-            jobs.append((v["name"], v_cap))
-            continue
-        transports = [[t["kind"], t["path"]] for t in v["transports"]]
-        jobs.append((v["name"], record_metrics_task.submit(ctx, v["name"], t_cap["index"], v_cap["index"], metrics,
-                                                           transports, layers)))
-    results = [teacher_job.result()]  # the teacher's own rows: their failure stops the night
-    failures: list[dict[str, str]] = []
-    for name, job in jobs:
-        try:
-            if isinstance(job, Exception):
-                raise job
-            results.append(job.result())
-        except Exception as exc:  # one variant's failure must not cost the others their rows
-            log.error("variant %s failed: %s: %s", name, type(exc).__name__, exc)
-            failures.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
+                if isinstance(job, Exception):
+                    raise job
+                results.append(job.result())
+            except Exception as exc:  # one variant's failure must not cost the others their rows
+                log.error("variant %s failed: %s: %s", name, type(exc).__name__, exc)
+                failures.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
     publish_qa_summary_task(ctx, results, failures)
     rep = report_flow(run_id=cfg["run_id"], runs_root=cfg["runs_root"], failures=failures) if report else None
     if failures and raise_on_failure:

@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.hooks import log_failure
+from lib.core.progress import stage
 from lib.store.runs import new_run_id
 from lib.transport.options import RotateOptions
 from tasks.rotate import (
@@ -48,7 +49,11 @@ def rotate_flow(student_index: str, teacher_index: str, layers: list[str] | None
     plan = plan_rotation_task(student_index, teacher_index, layers, output_dir, ledger, spec_out, opts, run_id)
     names = plan["layers"]
     labels = [layer_label(x) for x in names]
-    results = [f.result() for f in solve_layer_task.map(unmapped(plan), names, labels)]
+    with stage(f"rotate {run_id}", total=len(names), unit="layers") as bar:
+        results = []
+        for fut in solve_layer_task.map(unmapped(plan), names, labels):
+            results.append(fut.result())
+            bar.advance()
     pooled = pool_rotation_task(plan, results)
     cosines = []
     if plan["options"].get("pca_dim") is not None:

@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
         from lib.capture.vllm_support import require_vllm
 
         require_vllm(spec, plan.hook_points)
-    from flows.capture import capture_flow
+    from flows.console import load_flow
+
+    capture_flow = load_flow("capture")
 
     manifest = capture_flow(model=model, output_dir=args.output_dir, texts=args.text, text_files=args.text_file,
                             layers=args.layer, dtype=args.dtype, compute_dtype=args.compute_dtype, device=args.device,

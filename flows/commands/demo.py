@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.demo import demo_flow
+    from flows.console import load_flow
+
+    demo_flow = load_flow("demo")
 
     t0 = time.perf_counter()
     summary = demo_flow(run_id=args.run_id, runs_root=args.runs_root, noise=args.noise, seed=args.seed,

@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
 
         read_lines(f)
 
-    from flows.fold import fold_flow
+    from flows.console import load_flow
+
+
+    fold_flow = load_flow("fold")
 
     out = fold_flow(checkpoint=args.checkpoint, output_dir=args.output_dir, spec=args.spec,
                     options=options, gate_options=gate, revision=args.revision,

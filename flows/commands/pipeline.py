@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
               f"point(s) to capture, widths student {pre['d_student']} / teacher {pre['d_teacher']}, "
               f"{'fold + gate' if pre['fold'] else 'no fold (--pca-dim)'}", *models, sep="\n")
         return 0
-    from flows.pipeline import pipeline_flow
+    from flows.console import load_flow
+
+    pipeline_flow = load_flow("pipeline")
 
     summary = pipeline_flow(cfg)
     print(format_summary(summary, time.perf_counter() - t0, title="OfflineTourGuide pipeline", header=models))

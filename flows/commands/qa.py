@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_eval_config(args.config)
     verify_snapshot(cfg.runs_root, cfg.run_id)
     fanout = fanout_from_args(args)
-    from flows.qa import qa_flow
+    from flows.console import load_flow
     from flows.runners import on_runner
+
+    qa_flow = load_flow("qa")
 
     out = on_runner(qa_flow, fanout)(config=args.config, night=args.night, report=args.report)
     for r in out["results"]:

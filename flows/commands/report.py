@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
 
     load_run(args.runs_root, args.run_id)  # fail fast (never scaffolded → clear error), before Prefect starts
     if args.flow or os.environ.get("PREFECT_API_URL"):
-        from flows.report import report_flow
+        from flows.console import load_flow
+
+        report_flow = load_flow("report")
 
         result = report_flow(run_id=args.run_id, runs_root=args.runs_root)
     else:

@@ -94,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
         from lib.core.errors import BadInputError
 
         raise BadInputError(f"--workers must be >= 1, got {args.workers}")
-    from flows.rotate import rotate_flow
+    from flows.console import load_flow
     from flows.runners import on_runner
+
+    rotate_flow = load_flow("rotate")
 
     flow = on_runner(rotate_flow, fanout, threads=args.workers)
     summary = flow(student_index=args.student_index, teacher_index=args.teacher_index, layers=args.layer,

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
         check_run_id(spec.run_id)  # fail fast, before Prefect starts
         build_snapshot(spec.samples_dir, spec.prompts_dir, spec.prompts)
-        from flows.scaffold import scaffold_flow
+        from flows.console import load_flow
+
+        scaffold_flow = load_flow("scaffold")
 
         manifest = scaffold_flow(**spec.model_dump(mode="json"))
     else:

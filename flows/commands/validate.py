@@ -23,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
     from lib.store.validation import format_validation_table, validate_indexes
 
     if os.environ.get("PREFECT_API_URL"):
-        from flows.validate import validate_flow
+        from flows.console import load_flow
+
+        validate_flow = load_flow("validate")
 
         checks = validate_flow(list(args.index))
         from lib.store.validation import ShardCheck

@@ -42,6 +42,12 @@ class DemoRecipe(Options):
     tie_word_embeddings: bool = Field(False, description="tie lm_head to the embeddings")
 
 
+# The demo model is tiny (~3M params, 16x96-token batches): its ops are too small to gain from
+# intra-op threads, and with one thread per core it spins against every other busy process on
+# the machine (measured: tests/bench/bench_demo_teacher.py, README "Demo timings").
+TRAIN_THREADS = 1
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("TOURGUIDE_CACHE") or Path.home() / ".cache" / "offline-tour-guide")
 
@@ -71,9 +77,22 @@ def ensure_demo_teacher(recipe: DemoRecipe = DemoRecipe(), samples_dir: str | os
 
 
 def train_demo_teacher(out_dir: Path, recipe: DemoRecipe, samples_dir: str | os.PathLike = SAMPLES_DIR,
-                       log=print) -> Path:
+                       log=print, threads: int | None = TRAIN_THREADS) -> Path:
     """Train a fresh Qwen3 of `recipe` for `recipe.steps` AdamW steps on the corpus (next-token
-    loss, right-padded batches) and save model + tokenizer to `out_dir`."""
+    loss, right-padded batches) and save model + tokenizer to `out_dir`. `threads`: torch
+    intra-op threads while training (None: leave torch's setting)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(out_dir, recipe, samples_dir, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(out_dir: Path, recipe: DemoRecipe, samples_dir: str | os.PathLike, log) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -36,7 +36,7 @@ def test_help_lists_every_command():
 # One flag (or phrase) only each command's own parser has: a placeholder parser has none of them.
 OWN_FLAG = {"capture": "--no-logits", "validate": "--quiet", "analyze": "legacy .pt", "rotate": "--solve-permutations",
             "fold": "--allow-inexact", "scaffold": "--prompts-dir", "qa": "--config", "report": "--run-id",
-            "demo": "--noise", "pipeline": "--pca-dim"}
+            "demo": "--noise", "pipeline": "--pca-dim", "server": "--timeout"}
 
 
 def test_every_command_has_its_own_parser():
