@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.hooks import log_failure
+from flows.hooks import cancel_children, log_failure
 from flows.capture import capture_flow
 from flows.placement import AUTO, UseDeployments, deployments_wanted, run_child
 from flows.report import report_flow
@@ -24,7 +24,8 @@ from tasks.qa import load_eval_config_task, prepare_qa_task, publish_qa_summary_
 from tasks.validate import validate_shards
 
 
-@flow(name="qa", flow_run_name=qa_run_name, log_prints=False, on_failure=[log_failure])
+@flow(name="qa", flow_run_name=qa_run_name, log_prints=False, on_failure=[log_failure],
+      on_cancellation=[cancel_children])
 def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on_failure: bool = True,
             use_deployments: UseDeployments = AUTO) -> dict[str, Any]:
     """QA every variant of the eval config at `config` against its teacher. The captures run
