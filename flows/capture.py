@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from flows.hooks import log_failure
+from flows.hooks import cancel_children, log_failure
 from flows.placement import AUTO, UseDeployments, deployments_wanted, run_children
 from lib.capture.spec import CaptureSpec
 from lib.core.errors import ChecksumError
@@ -34,7 +34,8 @@ def _label(model: str, batch: list[dict[str, Any]]) -> str:
     return f"{model_slug(model)}-s{first:04d}" + (f"+{len(batch) - 1}" if len(batch) > 1 else "")
 
 
-@flow(name="capture", flow_run_name=capture_run_name, log_prints=False, on_failure=[log_failure])
+@flow(name="capture", flow_run_name=capture_run_name, log_prints=False, on_failure=[log_failure],
+      on_cancellation=[cancel_children])
 def capture_flow(model: str, output_dir: str = "activations", texts: list[str] | None = None,
                  text_files: list[str] | None = None, layers: list[str] | None = None, dtype: str = "float32",
                  compute_dtype: str | None = None, device: str = "auto", max_length: int | None = None,

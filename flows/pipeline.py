@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.hooks import log_failure
+from flows.hooks import cancel_children, log_failure
 from flows.capture import capture_flow
 from flows.fold import fold_flow
 from flows.placement import deployments_wanted, run_child
@@ -46,7 +46,8 @@ def _run_name() -> str:
 # validate_parameters=False: `config` is validated by PipelineConfig.parse below, whose errors are
 # BadInputErrors naming the key ("pipeline_flow config: teacherr: unknown key …"); Prefect's own
 # check would raise a ParameterTypeError instead. The UI still renders the model as a form.
-@flow(name="pipeline", flow_run_name=_run_name, log_prints=False, validate_parameters=False, on_failure=[log_failure])
+@flow(name="pipeline", flow_run_name=_run_name, log_prints=False, validate_parameters=False,
+      on_failure=[log_failure], on_cancellation=[cancel_children])
 def pipeline_flow(config: PipelineConfig) -> dict[str, Any]:
     """Run the whole pipeline for `config`; returns the paths and summaries of every step."""
     from prefect.runtime import flow_run

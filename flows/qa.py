@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.capture import capture_flow
-from flows.hooks import log_failure
+from flows.hooks import cancel_children, log_failure
 from flows.placement import AUTO, UseDeployments, deployments_wanted, run_child
 from flows.report import report_flow
 from lib.core.errors import TourGuideError
@@ -32,7 +32,7 @@ DEFAULT_WORKERS = 2
 
 
 @flow(name="qa", flow_run_name=qa_run_name, log_prints=False, on_failure=[log_failure],
-      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS))
+      on_cancellation=[cancel_children], task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS))
 def qa_flow(config: str, night: str | None = None, report: bool = True, raise_on_failure: bool = True,
             use_deployments: UseDeployments = AUTO) -> dict[str, Any]:
     """QA every variant of the eval config at `config` against its teacher. The captures run

@@ -20,6 +20,9 @@ from pathlib import Path
 from tests.e2e.harness import PREFECT, ROOT, free_port, stop
 
 PG = os.environ.get("TOURGUIDE_PG", "postgresql://postgres@127.0.0.1:5432")
+# INFO logs on the console: a worker's log then names every flow run it submits (tests read it);
+# tests/conftest.py sets PREFECT_LOGGING_LEVEL=WARNING for the test process and its children.
+INFO_LOGS = {"PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO"}
 
 
 def _pg(sql: str) -> None:
@@ -97,9 +100,7 @@ def workers(env: dict[str, str], logs_dir: Path, n_gpu: int = 2, n_cpu: int = 1,
     """`n_gpu` gpu workers (CUDA_VISIBLE_DEVICES=i, --limit 1) + `n_cpu` cpu workers, as
     deployments/workers.sh starts them, but one Popen each so a test can SIGKILL one."""
     procs, logs = [], []
-    # INFO on the console: a worker's log then names every flow run it submits (tests read it).
-    wenv = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat), "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO",
-            **(extra_env or {})}
+    wenv = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat), **INFO_LOGS, **(extra_env or {})}
     try:
         for pool, n in (("gpu", n_gpu), ("cpu", n_cpu)):
             for i in range(n):
