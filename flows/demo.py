@@ -1,6 +1,7 @@
 """The offline demo: demo teacher (built once, cached) → planted student → pipeline → recovery.
 
-Run it: `tourguide demo` (the README's main command). Prefect's ephemeral API, no server.
+Run it: `tourguide demo` (the README's main command): on the `tourguide server` when one runs, else
+Prefect's throwaway API.
 """
 
 from __future__ import annotations

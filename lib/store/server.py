@@ -147,6 +147,10 @@ def start(port: int = 4200, timeout: float = 180.0, home: Path | None = None) ->
     port is taken by another process, ServerError when the server exits or never gets ready."""
     home = home or prefect_home()
     current = status(home)
+    t0 = time.monotonic()
+    while current["state"] == "not answering" and time.monotonic() - t0 < timeout:
+        time.sleep(0.5)  # another start is still migrating or starting: wait for it, don't start a second
+        current = status(home)
     if current["state"] in ("running", "not answering"):
         return {**current, "already": True}
     if port_taken(port):
