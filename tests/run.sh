@@ -8,7 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deployments/bootstrap.sh
 # The UI check (tests/e2e/test_ui.py) drives Debian's chromium with playwright-core from npm (no
-# browser download); without node, npm or chromium it skips and says why.
+# browser download); without node, npm or chromium it skips and says why. As root on a Debian/
+# Ubuntu CI box, chromium is installed from the distribution's packages first (~30 s; best effort).
+if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "tests/run.sh: could not install chromium; the UI check will skip" >&2
+fi
 if command -v npm >/dev/null && [ -x "${CHROMIUM:-/usr/bin/chromium}" ] && [ ! -d tests/e2e/node_modules/playwright-core ]; then
   npm ci --prefix tests/e2e --no-audit --no-fund --silent || echo "tests/run.sh: npm ci failed; the UI check will skip" >&2
 fi
