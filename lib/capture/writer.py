@@ -11,6 +11,12 @@ rows), so a crash at any point leaves at most unindexed shards that a resume rew
 first failure is sticky: the writer stops taking work, and `submit`/`close` re-raise the
 original exception (its type and errno kept, so callers' `except OSError` still work) with a
 note naming the shards that were not committed.
+
+Used by `lib.capture.run.run_capture`. The capture flow's `capture_batch` task stays
+synchronous on purpose: it is cached across runs, and a cache record must only exist once its
+rows are committed (a task that returned after handing off could be cached, then lose its
+write to a crash; the next run would trust the cache). Overlap there would need the forward
+and the commit as separate tasks, which the per-batch cache key does not model today.
 """
 
 from __future__ import annotations

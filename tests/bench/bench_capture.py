@@ -128,7 +128,8 @@ def p1(model_dir: Path, work: Path, n: int, batch: int, reps: int = 3) -> None:
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from lib.capture import CaptureSpec, run_capture
+from lib.capture.run import run_capture
+from lib.capture.spec import CaptureSpec
 from tests.bench.bench_capture import texts
 t = time.perf_counter()
 run_capture(CaptureSpec(model={model!r}, batch_size=8, device="cpu"), texts({n}), {out!r})
