@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tourguide {args.command}: error: {console.failure(f'{type(exc).__name__}: {exc}', exc)}",
               file=sys.stderr)
         sys.exit(1)
+    finally:
+        console.close()
     sys.exit(int(code or 0))
 
 

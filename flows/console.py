@@ -92,6 +92,7 @@ class Console:
         self.log_path: Path | None = None
         self.step = _FailedStep()
         self._started = False
+        self._undo: list = []  # what close() reverts, newest first
         _ACTIVE = self
 
     def flow_starts(self) -> None:
@@ -106,11 +107,14 @@ class Console:
         from lib.core import progress
 
         progress.enable(sys.stderr)
+        self._undo.append(progress.disable)
         if self.verbose:
             return
         # Read at import time by Prefect's logging config and by huggingface_hub/transformers.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for key in ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            if key not in os.environ:
+                os.environ[key] = "WARNING" if key.startswith("PREFECT") else "1"
+                self._undo.append(lambda key=key: os.environ.pop(key, None))
 
     def attach(self) -> None:
         """Send every Prefect log record (all levels Prefect emits) to the command's log file."""
@@ -128,14 +132,27 @@ class Console:
                              f"{' '.join(sys.argv[1:])}\n")
         logger = logging.getLogger("prefect")
         logger.addHandler(handler)
+        self._undo.append(lambda: (logger.removeHandler(handler), handler.close()))
         if not self.verbose:
             for console in logging.getLogger().handlers:
                 if type(console).__name__ == "PrefectConsoleHandler":
                     # also when Prefect's logging was configured before the environment said so
+                    self._undo.append(lambda c=console, level=console.level: (c.setLevel(level),
+                                                                              c.removeFilter(_not_a_failure_report)))
                     console.setLevel(max(console.level, logging.WARNING))
                     console.addFilter(_not_a_failure_report)
         logger.addHandler(self.step)
+        self._undo.append(lambda: logger.removeHandler(self.step))
         self.log_path = path
+
+    def close(self) -> None:
+        """Undo what this console changed (handlers, levels, progress, environment), so that a
+        caller running several commands in one process (tests, notebooks) starts clean each time."""
+        global _ACTIVE
+        while self._undo:
+            self._undo.pop()()
+        if _ACTIVE is self:
+            _ACTIVE = None
 
     def failure(self, message: str, exc: BaseException | None = None) -> str:
         """`message` plus the failed step and the log path; the traceback goes into the log."""

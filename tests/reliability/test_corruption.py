@@ -108,7 +108,12 @@ def test_rotate_refuses_damaged_shards_and_says_how_to_recapture(prefect_harness
         assert shard_name(i) in err
     assert all(shard_name(i) not in err for i in (0, 2, 3, 5, 7))
     assert "re-run the same `tourguide capture` command into the same --output-dir" in err
-    assert tree_diff(before, tree_state(tmp_path)) == [], "rotate wrote something from damaged input"
+    # The one thing a failed command leaves is its log (the error line names it): nothing else.
+    log = tmp_path / "logs" / "rotate-rotations.log"
+    assert f"log: {log}" in err and log.is_file()
+    after = {p: v for p, v in tree_state(tmp_path).items() if not str(p).startswith(str(log.parent))}
+    after[str(tmp_path)] = before.get(str(tmp_path), after.get(str(tmp_path)))  # the folder's mtime: logs/ was added
+    assert tree_diff(before, after) == [], "rotate wrote something from damaged input"
 
 
 def test_qa_metrics_refuse_damaged_shards(captured, tmp_path):

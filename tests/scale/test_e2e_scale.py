@@ -29,7 +29,9 @@ async def _runs(client):
 
 def ran_on(stack, run_id) -> set[str]:
     """Names of the workers whose log mentions submitting this flow run."""
-    return {p.name.removesuffix(".log") for p in stack.work.glob("worker-gpu-*.log") if str(run_id) in p.read_text()}
+    # a worker restarted by the crash test logs to worker-gpu-<i>.restarted.log: still worker gpu-<i>
+    return {p.name.removesuffix(".log").removesuffix(".restarted") for p in stack.work.glob("worker-gpu-*.log")
+            if str(run_id) in p.read_text()}
 
 
 @pytest.mark.slow
