@@ -68,3 +68,18 @@ def write_capture_from_arrays(out_dir: str | os.PathLike, samples: Sequence[Synt
         start += n
     commit_shards(out, items)
     return out / INDEX_NAME
+
+
+def write_pair_from_arrays(folder: str | os.PathLike, xs: dict[str, Any], ys: dict[str, Any], lens: Sequence[int],
+                           rng: np.random.Generator, dtype: str = "float64") -> tuple[Path, Path]:
+    """Student and teacher captures of the same samples under `folder`/{student,teacher}: rows of
+    xs / ys ({hook point: [sum(lens), d]}) split into samples of `lens` tokens with random token
+    ids. Returns the two index paths."""
+    s_samples, t_samples, start = [], [], 0
+    for i, n in enumerate(lens):
+        ids = rng.integers(0, 100, n)
+        s_samples.append(SyntheticSample(f"stop {i}", ids, {k: v[start:start + n] for k, v in xs.items()}))
+        t_samples.append(SyntheticSample(f"stop {i}", ids, {k: v[start:start + n] for k, v in ys.items()}))
+        start += n
+    return (write_capture_from_arrays(Path(folder) / "student", s_samples, dtype=dtype),
+            write_capture_from_arrays(Path(folder) / "teacher", t_samples, dtype=dtype))

@@ -28,18 +28,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, log: Path | None = None, timeout: float = 180) -> None:
+    """Poll GET /api/ready (the database is reachable too; /api/health is not enough) until it
+    answers 200; raise with the end of the server's log if it exits or times out."""
+    tail = (lambda: ":\n" + log.read_text()[-3000:]) if log is not None else (lambda: "")
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited early with code {proc.returncode}")
+            raise RuntimeError(f"prefect server exited early with code {proc.returncode}{tail()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            with urllib.request.urlopen(url + "/ready", timeout=3) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"prefect server not healthy at {url} after {timeout}s")
+    raise TimeoutError(f"prefect server not ready at {url} after {timeout}s{tail()}")
 
 
 def stop(proc: subprocess.Popen | None) -> None:
@@ -67,7 +70,7 @@ def prefect_server(workdir: Path, ui: bool = False) -> Iterator[tuple[str, dict[
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        wait_healthy(url, proc)
+        wait_ready(url, proc, timeout=120)
         yield url, {**env, "PREFECT_API_URL": url}
     finally:
         stop(proc)

@@ -26,7 +26,7 @@ from lib.core.errors import BadInputError
 from lib.core.fanout import FanOut, check_dask_reachable, parse_dask_address
 from lib.pipeline.config import PipelineConfig
 from lib.store.safetensors_io import load_tensors
-from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
+from lib.testing.synthetic import write_pair_from_arrays
 from lib.transport.options import RotateOptions
 from lib.transport.record import run_rotation
 
@@ -84,15 +84,7 @@ def synthetic(tmp_path: Path, perturb: bool = False) -> tuple[Path, Path]:
     if perturb:
         xs[LAYERS[2]] = xs[LAYERS[2]].copy()
         xs[LAYERS[2]][5] *= 1.001  # one token of one layer, 0.1 %
-    s_samples, t_samples, start = [], [], 0
-    for i, n in enumerate(lens):
-        ids = rng.integers(0, 100, n)
-        s_samples.append(SyntheticSample(f"stop {i}", ids, {k: v[start:start + n] for k, v in xs.items()}))
-        t_samples.append(SyntheticSample(f"stop {i}", ids, {k: v[start:start + n] for k, v in ys.items()}))
-        start += n
-    tag = "perturbed" if perturb else "clean"
-    return (write_capture_from_arrays(tmp_path / tag / "student", s_samples, dtype="float64"),
-            write_capture_from_arrays(tmp_path / tag / "teacher", t_samples, dtype="float64"))
+    return write_pair_from_arrays(tmp_path / ("perturbed" if perturb else "clean"), xs, ys, lens, rng)
 
 
 def test_cli_refuses_an_unreachable_scheduler_and_both_choices_before_prefect(tmp_path, capsys):

@@ -14,7 +14,7 @@ from flows.rotate import rotate_flow
 from lib.core.errors import ChecksumError
 from lib.store.ledgers import read_ledger
 from lib.store.safetensors_io import load_tensors
-from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
+from lib.testing.synthetic import write_pair_from_arrays
 from lib.transport.options import RotateOptions
 
 LAYERS = ["model.layers.0", "model.layers.1", "model.layers.2"]
@@ -27,14 +27,7 @@ def captures(tmp_path):
     r = ortho_group.rvs(d, random_state=1)
     xs = {name: rng.standard_normal((sum(lens), d)) for name in LAYERS}
     ys = {name: xs[name] @ r + 0.2 * rng.standard_normal((sum(lens), d)) for name in LAYERS}
-    s_samples, t_samples, start = [], [], 0
-    for i, n in enumerate(lens):
-        ids = rng.integers(0, 100, n)
-        s_samples.append(SyntheticSample(f"stop {i}", ids, {k: v[start:start + n] for k, v in xs.items()}))
-        t_samples.append(SyntheticSample(f"stop {i}", ids, {k: v[start:start + n] for k, v in ys.items()}))
-        start += n
-    s = write_capture_from_arrays(tmp_path / "acts" / "student", s_samples, dtype="float64")
-    t = write_capture_from_arrays(tmp_path / "acts" / "teacher", t_samples, dtype="float64")
+    s, t = write_pair_from_arrays(tmp_path / "acts", xs, ys, lens, rng)
     return s, t, xs, ys
 
 

@@ -11,13 +11,11 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.e2e.harness import PREFECT, ROOT, free_port, stop
+from tests.e2e.harness import PREFECT, ROOT, free_port, stop, wait_ready
 
 PG = os.environ.get("TOURGUIDE_PG", "postgresql://postgres@127.0.0.1:5432")
 # INFO logs on the console: a worker's log then names every flow run it submits (tests read it);
@@ -53,21 +51,6 @@ def database_exists(name: str) -> bool:
 
 def drop_database(name: str) -> None:
     _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    """GET /api/ready (the database is reachable), not /api/health."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server.sh exited with code {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=3) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"server not ready at {url} after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 @contextlib.contextmanager
