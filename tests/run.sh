@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README; .ci/run calls exactly this):
 #   1. set up / refresh .venv from requirements.lock (deployments/bootstrap.sh),
-#   2. run the whole pytest suite offline (slow tests included),
+#   2. run the whole pytest suite offline (slow tests included), in three lanes at once,
 #   3. when tests/vllm/run_parity.sh exists and TOURGUIDE_VLLM_TESTS is not 0: build (or reuse)
 #      the separate vLLM CPU venv and run the vLLM-vs-torch parity tests there.
 set -euo pipefail
