@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.e2e.harness import free_port  # noqa: E402  (needs ROOT on sys.path)
 
 
 def timed_demo(env: dict, runs_root: Path, extra: list[str]) -> float:
@@ -54,14 +56,6 @@ def main() -> None:
         print(f"P6 demo ({'tourguide server' if a.server else 'throwaway API'}): first run {first:.1f}s"
               f"{'' if a.keep_teacher else ' (incl. training the teacher)'}, second identical run {second:.1f}s "
               f"→ ratio {second / first:.3f}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

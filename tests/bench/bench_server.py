@@ -18,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from tests.e2e.harness import free_port  # noqa: E402  (needs ROOT on sys.path)
+
 LIB = """
 import sys
 from lib.capture.run import run_capture
@@ -53,7 +55,7 @@ def main() -> None:
         throwaway = {**base, "PREFECT_HOME": str(work / "home-throwaway")}
         cli = [sys.executable, "-m", "flows"]
         t0 = time.perf_counter()
-        subprocess.run([*cli, "server", "start", "--port", str(_free_port())], env=with_server, check=True,
+        subprocess.run([*cli, "server", "start", "--port", str(free_port())], env=with_server, check=True,
                        capture_output=True)
         print(f"server start (fresh database): {time.perf_counter() - t0:.1f}s")
         res: dict[str, list[float]] = {"lib": [], "server": [], "throwaway": []}
@@ -73,14 +75,6 @@ def main() -> None:
     for k, ts in res.items():
         print(f"P8 {k:9s}: " + ", ".join(f"{t:.1f}s" for t in ts) + f" (best {min(ts):.1f}s)"
               + ("" if k == "lib" else f" → ratio vs library {min(ts) / lib:.2f}"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

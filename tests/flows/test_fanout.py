@@ -29,17 +29,11 @@ from lib.store.safetensors_io import load_tensors
 from lib.testing.synthetic import write_pair_from_arrays
 from lib.transport.options import RotateOptions
 from lib.transport.record import run_rotation
+from tests.e2e.harness import free_port
 
 LAYERS = [f"model.layers.{i}" for i in range(4)]
 TEXTS = ["Bondi Beach curves for a kilometre of pale sand.", "The Louvre's glass pyramid glows at dusk.",
          "悉尼歌剧院的白色风帆倒映在港湾里。"]
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the choice and its bad inputs (no Prefect run) -------------------------------------------
@@ -65,7 +59,7 @@ def test_the_choice_and_its_refusals():
 
 
 def test_reachability_check_names_the_address_reason_and_fix():
-    port = closed_port()
+    port = free_port()  # bound, then released: nothing listens
     with pytest.raises(BadInputError, match=rf"'tcp://127.0.0.1:{port}': cannot connect to 127.0.0.1:{port} "
                                             r"\(Connection refused\)\. Start the scheduler there \(`dask scheduler"):
         check_dask_reachable(f"tcp://127.0.0.1:{port}")
@@ -90,7 +84,7 @@ def synthetic(tmp_path: Path, perturb: bool = False) -> tuple[Path, Path]:
 def test_cli_refuses_an_unreachable_scheduler_and_both_choices_before_prefect(tmp_path, capsys):
     s, t = synthetic(tmp_path)
     base = ["rotate", "--student-index", str(s), "--teacher-index", str(t), "--output-dir", str(tmp_path / "rot")]
-    port = closed_port()
+    port = free_port()  # bound, then released: nothing listens
     for extra, want in ((["--dask-address", f"tcp://127.0.0.1:{port}"], f"cannot connect to 127.0.0.1:{port}"),
                         (["--dask-address", "tcp://127.0.0.1:1", "--dask-workers", "2"], "were both given")):
         with pytest.raises(SystemExit) as ex:

@@ -11,7 +11,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.harness import free_port
 from tests.reliability.helpers import ROOT, subprocess_env
 
 
@@ -38,12 +38,6 @@ class PrefectServer:
         if authenticated:
             env["PREFECT_API_AUTH_STRING"] = self.auth
         return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_status(url: str, auth: str | None = None, data: bytes | None = None) -> int:
