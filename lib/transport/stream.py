@@ -43,13 +43,8 @@ def chunk_rows_for(width: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return int(min(8192, max(256, chunk_bytes // (8 * max(width, 1)))))
 
 
-def _read_rows(path: str, names: Sequence[str], start: int, stop: int) -> list[Any]:
-    """Rows [start, stop) of each named tensor of one shard, as stored (torch tensors)."""
-    return read_rows(path, names, start, stop, framework="pt")
-
-
-def _read_ahead(spans: Iterable[RowSpan], s_names: Sequence[str], t_names: Sequence[str],
-                depth: int = READ_AHEAD) -> Iterator[tuple[RowSpan, list[Any], list[Any]]]:
+def read_spans(spans: Iterable[RowSpan], s_names: Sequence[str], t_names: Sequence[str],
+               depth: int = READ_AHEAD) -> Iterator[tuple[RowSpan, list[Any], list[Any]]]:
     """(span, student rows, teacher rows) in span order, read `depth` spans ahead on a thread.
     A read error is re-raised here, in the consumer, at the span where it happened."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -63,8 +58,8 @@ def _read_ahead(spans: Iterable[RowSpan], s_names: Sequence[str], t_names: Seque
                     return
                 if span.stop <= span.start:
                     continue
-                item = (span, _read_rows(span.student_shard, s_names, span.start, span.stop),
-                        _read_rows(span.teacher_shard, t_names, span.start, span.stop))
+                item = (span, read_rows(span.student_shard, s_names, span.start, span.stop, framework="pt"),
+                        read_rows(span.teacher_shard, t_names, span.start, span.stop, framework="pt"))
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
@@ -129,7 +124,7 @@ def _stream(spans, tensors, bufs, views, rows, flush_to) -> int:
 
     s_names = [t[0] for t in tensors]
     t_names = [t[1] for t in tensors]
-    for span, xs, ys in _read_ahead(spans, s_names, t_names):
+    for span, xs, ys in read_spans(spans, s_names, t_names):
         m = span.stop - span.start
         for spec, x, y in zip(tensors, xs, ys, strict=True):
             if tuple(x.shape) != (m, spec[2]) or tuple(y.shape) != (m, spec[3]):
