@@ -34,7 +34,7 @@ from typing import Any
 from lib.core.dtypes import st_code
 from lib.core.errors import BadInputError
 from lib.core.options import Frozen
-from lib.fold.apply import _math_device, _out_dtype, apply_tensor_ops
+from lib.fold.apply import _math_device, _out_dtype, apply_tensor_ops, streams_rows, tensor_op_chunks
 from lib.fold.checkpoint_io import CheckpointReader, ShardedWriter, TensorEntry, copy_side_files
 from lib.fold.options import FoldOptions
 from lib.fold.plan import (
@@ -48,12 +48,17 @@ from lib.fold.plan import (
     plan_tensor_ops,
 )
 from lib.fold.transform_set import WeightTransformSet
+from lib.fold.write_behind import WriteBehind
 from lib.models.adapters import adapter_for_config
 from lib.models.adapters.base import ModelAdapter
 from lib.store.atomic import write_json
 from lib.store.staging import check_output_dir, staged_output
 
 FOLD_VERSION = "1"
+
+# queued output bytes the write-behind may hold, in fold chunks: enough to keep the disk busy
+# while the next chunks compute, small next to the one tensor in memory
+WRITE_BEHIND_CHUNKS = 4
 
 
 REPORT_NAME = "fold_report.json"
@@ -149,8 +154,11 @@ def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike
     device = _math_device(options)
     n_transformed = 0
     with staged_output(out_path, options.overwrite) as tmp:
-        writer = ShardedWriter(tmp, [e for e, _ in plans], options.max_shard_bytes,
-                               metadata={"tourguide_fold": FOLD_VERSION})
+        # Writes run behind the math (lib.fold.write_behind); a tensor whose result comes out in
+        # its own row order is written chunk by chunk and never exists whole in memory.
+        writer = WriteBehind(ShardedWriter(tmp, [e for e, _ in plans], options.max_shard_bytes,
+                                           metadata={"tourguide_fold": FOLD_VERSION}),
+                             max_bytes=WRITE_BEHIND_CHUNKS * options.chunk_bytes)
         try:
             for entry, ops in plans:
                 source = ops.source if ops is not None else entry.name
@@ -158,13 +166,18 @@ def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike
                     writer.copy_raw(entry.name, reader, source)  # unchanged bytes: kernel copy
                     continue
                 src = reader.read(source)
+                out_dtype = torch_dtype_of(entry.dtype)
                 if ops is None or ops.is_identity:
-                    t = src.to(torch_dtype_of(entry.dtype))
-                else:
-                    t = apply_tensor_ops(src, ops, torch_dtype_of(entry.dtype), options.chunk_bytes, device)
+                    writer.write(entry.name, src.to(out_dtype))
+                elif streams_rows(ops):
+                    writer.begin(entry.name)
+                    for _, _, rows in tensor_op_chunks(src, ops, out_dtype, options.chunk_bytes, device):
+                        writer.write_part(rows)
                     n_transformed += 1
-                writer.write(entry.name, t)
-                del src, t
+                else:
+                    writer.write(entry.name, apply_tensor_ops(src, ops, out_dtype, options.chunk_bytes, device))
+                    n_transformed += 1
+                del src
             writer.close()
         except BaseException:
             writer.abort()
@@ -178,7 +191,7 @@ def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike
             source_dir=str(reader.folder.resolve()), output_dir=str(out_path), exact=transforms.exact,
             untied=layout.untie, gains_folded=layout.fold_gains, gains_permuted=layout.permute_gains,
             n_tensors=len(plans), n_transformed=n_transformed, bytes_written=sum(e.nbytes for e, _ in plans),
-            shards=list(writer.files), side_files=side, seconds=round(time.perf_counter() - t0, 3),
+            shards=list(writer.writer.files), side_files=side, seconds=round(time.perf_counter() - t0, 3),
             transforms=transforms.summary(), options=options.model_dump(mode="json"))
         write_json(tmp / REPORT_NAME, {"status": "unverified", "fold": result.model_dump(mode="json"), **(report_extra or {})})
     return result

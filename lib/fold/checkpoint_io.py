@@ -30,7 +30,8 @@ from typing import Any
 from lib.core.dtypes import ITEMSIZE
 from lib.core.errors import BadInputError
 from lib.store.atomic import write_text_atomic
-from lib.store.safetensors_io import Header, StreamWriter, read_header, read_tensors
+from lib.store.safetensors_io import Header, read_header, read_tensors, tensor_bytes
+from lib.store.stream_writer import StreamWriter
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -197,6 +198,22 @@ class ShardedWriter:
     def write(self, name: str, tensor: Any) -> None:
         self._shard_of(name).write(name, tensor)
         self.pos += 1
+
+    def begin(self, name: str) -> None:
+        """Start planned tensor `name`; its rows follow through `write_part` (in order, in the
+        planned dtype), so a big tensor never has to exist whole in memory."""
+        stream = self._shard_of(name)
+        entry = self.order[self.pos][1]
+        stream.begin(name, entry.dtype, entry.shape)
+        self.pos += 1
+
+    def write_part(self, tensor: Any) -> None:
+        """The next rows of the tensor begun by `begin`."""
+        _, entry = self.order[self.pos - 1]
+        code, _, data = tensor_bytes(entry.name, tensor)
+        if code != entry.dtype:
+            raise RuntimeError(f"ShardedWriter: rows of {entry.name!r} are {code}, planned {entry.dtype}")
+        self.stream.write_part(data)
 
     def copy_raw(self, name: str, source: CheckpointReader, source_name: str | None = None) -> None:
         """Write planned tensor `name` as the unchanged bytes of `source_name` in `source`

@@ -15,9 +15,8 @@ worker's result files) goes through here:
 - Writing lays the bytes out here: metadata keys sorted, tensors in name order unless an order
   is given, the header space-padded to a multiple of 8 (data 8-byte aligned). Equal inputs give
   equal bytes (the safetensors library orders metadata by hash), so a file's sha256 identifies
-  its content. `tensor_parts` returns zero-copy buffers (hashing, writev), `save_tensors`
-  writes atomically, and `StreamWriter` writes a planned layout tensor by tensor or copies raw
-  byte ranges from another file with os.copy_file_range (peak memory: one tensor).
+  its content. `tensor_parts` returns zero-copy buffers (hashing, writev) and `save_tensors`
+  writes atomically; lib.store.stream_writer writes a planned layout piece by piece.
 
 torch is imported lazily: lib.capture.vllm_worker uses this module inside vLLM's own venv.
 """
@@ -37,7 +36,7 @@ import numpy as np
 
 from lib.core.dtypes import ITEMSIZE, TORCH_TO_ST, numpy_dtype_of, torch_dtype_of
 from lib.core.errors import BadInputError, TransientError
-from lib.store.atomic import AtomicFile, write_bytes_atomic
+from lib.store.atomic import write_bytes_atomic
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
@@ -204,7 +203,7 @@ def _pread_into(fd: int, view: memoryview, offset: int, header: Header, name: st
         raise TransientError(f"{header.path}: tensor {name!r}: I/O error while reading ({exc})") from exc
 
 
-def _open_data(header: Header) -> int:
+def open_data(header: Header) -> int:
     try:
         return os.open(header.path, os.O_RDONLY)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
@@ -218,7 +217,7 @@ def read_tensors(source: str | os.PathLike | Header, names: Iterable[str] | None
     header = source if isinstance(source, Header) else read_header(source)
     infos = [header.info(n) for n in (header.tensors if names is None else names)]
     out: dict[str, Any] = {}
-    fd = _open_data(header)
+    fd = open_data(header)
     try:
         for info in infos:
             arr, view = _empty(header, info, info.shape, framework)
@@ -235,7 +234,7 @@ def read_rows(source: str | os.PathLike | Header, names: Sequence[str], start: i
     reading only those bytes."""
     header = source if isinstance(source, Header) else read_header(source)
     out = []
-    fd = _open_data(header)
+    fd = open_data(header)
     try:
         for name in names:
             info = header.info(name)
@@ -323,80 +322,3 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_bytes_atomic(path, tensor_parts(tensors, metadata, order=order), fsync=durable)
-
-
-class StreamWriter:
-    """One safetensors file written from a planned layout: the header first, then each tensor in
-    plan order (`write`, or `copy_raw` from another file), into a temp file that `close` renames
-    into place (`abort` removes it). Tensors must match the plan's dtype and shape."""
-
-    def __init__(self, path: str | os.PathLike, layout: Layout, metadata: Mapping[str, str] | None = None, *,
-                 sync_dir: bool = True):
-        self.path = Path(path)
-        self.layout = [(name, code, tuple(int(s) for s in shape)) for name, code, shape in layout]
-        head = header_bytes(self.layout, metadata)
-        self.out = AtomicFile(self.path, sync_dir)
-        self.pos = 0
-        try:
-            self.out.write(head)
-        except BaseException:
-            self.out.discard()
-            raise
-
-    def _next(self, name: str, code: str, shape: tuple[int, ...]) -> None:
-        if self.pos >= len(self.layout):
-            raise RuntimeError(f"{self.path.name}: {name!r} is beyond the planned tensors")
-        want, want_code, want_shape = self.layout[self.pos]
-        if name != want:
-            raise RuntimeError(f"{self.path.name}: expected {want!r} next, got {name!r}")
-        if (code, shape) != (want_code, want_shape):
-            raise RuntimeError(f"{self.path.name}: {name!r} is {code} {list(shape)}, planned {want_code} {list(want_shape)}")
-
-    def write(self, name: str, tensor: Any) -> None:
-        code, shape, data = tensor_bytes(name, tensor)
-        self._next(name, code, shape)
-        self.out.write(data)
-        self.pos += 1
-
-    def copy_raw(self, name: str, source: Header, source_name: str | None = None) -> None:
-        """Write planned tensor `name` as the unchanged bytes of `source_name` in the file `source`
-        describes (same dtype and shape), copied file to file by the kernel: no tensor in memory."""
-        info = source.info(source_name or name)
-        self._next(name, info.dtype, info.shape)
-        fd = _open_data(source)
-        try:
-            copy_range(fd, self.out.fd, info.begin, info.nbytes, where=f"{source.path}: tensor {info.name!r}")
-        finally:
-            os.close(fd)
-        self.pos += 1
-
-    def close(self) -> Path:
-        if self.pos != len(self.layout):
-            raise RuntimeError(f"{self.path.name}: {len(self.layout) - self.pos} planned tensor(s) never written, "
-                               f"first {self.layout[self.pos][0]!r}")
-        return self.out.commit()
-
-    def abort(self) -> None:
-        self.out.discard()
-
-
-def copy_range(fd_in: int, fd_out: int, offset: int, nbytes: int, where: str = "source") -> None:
-    """Copy `nbytes` from `fd_in` at `offset` to the current position of `fd_out`
-    (os.copy_file_range where the kernel allows it, else pread/write in 8 MiB pieces)."""
-    done = 0
-    use_cfr = hasattr(os, "copy_file_range")
-    while done < nbytes:
-        n = min(nbytes - done, 1 << 30)
-        if use_cfr:
-            try:
-                got = os.copy_file_range(fd_in, fd_out, n, offset + done)
-            except OSError:  # EXDEV, ENOSYS, EINVAL on some file systems: copy through user space
-                use_cfr = False
-                continue
-        else:
-            buf = os.pread(fd_in, min(n, 8 << 20), offset + done)
-            got = os.write(fd_out, buf) if buf else 0
-        if got <= 0:
-            raise BadInputError(f"{where}: the file ended after {done} of {nbytes} bytes (it changed after its "
-                                "header was read); re-create it")
-        done += got

@@ -11,7 +11,7 @@ Figures, each job in its own subprocess (so peak RSS is its own), baselines meas
 - the same full job through `from_pretrained` + in-memory fold + `save_pretrained`;
 - the fold's GEMM throughput (its rotation FLOPs / its wall time) vs bare float32 `torch.matmul`
   of the same shapes (the fold's row chunks) in the same run: goal ≥ 0.7. A bf16 checkpoint's
-  rotation runs in float32 (lib.fold.apply._rotate_fp32), so float32 is the matching limit.
+  rotation runs in float32 (lib.fold.apply._Fp32Rotation), so float32 is the matching limit.
 
 Run: .venv/bin/python tests/bench/bench_fold.py [--layers 28 --hidden 1024 --vocab 151936]
      (--quick: 4 layers, a few seconds; --skip-hf: leave out the from_pretrained comparison)

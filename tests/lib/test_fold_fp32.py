@@ -1,4 +1,4 @@
-"""A rotation into a bf16/fp16 output runs a float32 GEMM (lib.fold.apply._rotate_fp32), with the
+"""A rotation into a bf16/fp16 output runs a float32 GEMM (lib.fold.apply._Fp32Rotation), with the
 entries near a rounding boundary redone in float64. Oracle: the float64 product, cast once."""
 
 from __future__ import annotations

@@ -26,15 +26,16 @@ from lib.core.dtypes import ITEMSIZE, ST_DTYPES, torch_dtype_of
 from lib.core.errors import BadInputError
 from lib.fold.checkpoint_io import CheckpointReader, ShardedWriter, TensorEntry
 from lib.store.safetensors_io import (
-    StreamWriter,
     header_bytes,
     load_tensors,
     read_header,
     read_rows,
     read_tensors,
     save_tensors,
+    tensor_bytes,
     tensor_parts,
 )
+from lib.store.stream_writer import StreamWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -250,6 +251,33 @@ def test_stream_writer_matches_save_tensors_and_copies_raw_ranges(tmp_path):
         w.close()
     w.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.safetensors", "s.safetensors"]
+
+
+def test_stream_writer_parts_give_the_same_bytes_and_refuse_what_does_not_fit(tmp_path):
+    t = {"a": torch.randn(6, 3), "b": torch.randn(5).to(torch.bfloat16), "c": torch.zeros(0, dtype=torch.int64)}
+    order = ["a", "c", "b"]
+    ref = save_tensors(tmp_path / "ref.safetensors", t, {"format": "pt"}, order=order)
+    layout = [(n, {"a": "F32", "b": "BF16", "c": "I64"}[n], tuple(t[n].shape)) for n in order]
+    w = StreamWriter(tmp_path / "s.safetensors", layout, {"format": "pt"})
+    w.begin("a", "F32", (6, 3))
+    for rows in (t["a"][:1], t["a"][1:1], t["a"][1:4], t["a"][4:]):  # uneven pieces, one empty
+        w.write_part(tensor_bytes("a", rows)[2])
+    w.begin("c", "I64", (0,))  # a zero-size tensor is complete at once
+    w.write("b", t["b"])
+    w.close()
+    assert (tmp_path / "s.safetensors").read_bytes() == ref.read_bytes()
+
+    w = StreamWriter(tmp_path / "u.safetensors", layout)
+    w.begin("a", "F32", (6, 3))
+    w.write_part(tensor_bytes("a", t["a"][:2])[2])
+    with pytest.raises(RuntimeError, match="'c' started with 48 bytes of 'a' still unwritten"):
+        w.begin("c", "I64", (0,))
+    with pytest.raises(RuntimeError, match="60 bytes given, 48 left in 'a'"):
+        w.write_part(tensor_bytes("a", t["a"][:5])[2])
+    with pytest.raises(RuntimeError, match="never written"):  # a tensor cut short never closes
+        w.close()
+    w.abort()
+    assert not (tmp_path / "u.safetensors").exists()
 
 
 def test_a_source_cut_short_after_its_header_was_read_is_a_clear_error(tmp_path):
