@@ -230,11 +230,15 @@ def test_read_rows_reads_exactly_the_slice(tmp_path, start, stop):
     assert np.array_equal(yn, t["y"].numpy()[start:stop])
 
 
-def test_stream_writer_matches_save_tensors_and_copies_raw_ranges(tmp_path):
-    t = {"a": torch.randn(4, 3), "b": torch.randn(5).to(torch.bfloat16), "c": torch.zeros(0, dtype=torch.int64)}
-    order = ["b", "c", "a"]
+def _three(tmp_path, rows, order):
+    """Tensors a (F32 [rows, 3]), b (BF16), c (empty I64), their reference file and layout."""
+    t = {"a": torch.randn(rows, 3), "b": torch.randn(5).to(torch.bfloat16), "c": torch.zeros(0, dtype=torch.int64)}
     ref = save_tensors(tmp_path / "ref.safetensors", t, {"format": "pt"}, order=order)
-    layout = [(n, {"a": "F32", "b": "BF16", "c": "I64"}[n], tuple(t[n].shape)) for n in order]
+    return t, ref, [(n, {"a": "F32", "b": "BF16", "c": "I64"}[n], tuple(t[n].shape)) for n in order]
+
+
+def test_stream_writer_matches_save_tensors_and_copies_raw_ranges(tmp_path):
+    t, ref, layout = _three(tmp_path, 4, ["b", "c", "a"])
     w = StreamWriter(tmp_path / "s.safetensors", layout, {"format": "pt"})
     assert not (tmp_path / "s.safetensors").exists()  # nothing under the final name until close
     with pytest.raises(RuntimeError, match="expected 'b' next, got 'a'"):
@@ -254,10 +258,7 @@ def test_stream_writer_matches_save_tensors_and_copies_raw_ranges(tmp_path):
 
 
 def test_stream_writer_parts_give_the_same_bytes_and_refuse_what_does_not_fit(tmp_path):
-    t = {"a": torch.randn(6, 3), "b": torch.randn(5).to(torch.bfloat16), "c": torch.zeros(0, dtype=torch.int64)}
-    order = ["a", "c", "b"]
-    ref = save_tensors(tmp_path / "ref.safetensors", t, {"format": "pt"}, order=order)
-    layout = [(n, {"a": "F32", "b": "BF16", "c": "I64"}[n], tuple(t[n].shape)) for n in order]
+    t, ref, layout = _three(tmp_path, 6, ["a", "c", "b"])
     w = StreamWriter(tmp_path / "s.safetensors", layout, {"format": "pt"})
     w.begin("a", "F32", (6, 3))
     for rows in (t["a"][:1], t["a"][1:1], t["a"][1:4], t["a"][4:]):  # uneven pieces, one empty
