@@ -31,6 +31,7 @@ class WriteBehind:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._closing = False
+        self._skip = False  # set by abort: queued jobs are dropped, not run
         self._thread = threading.Thread(target=self._run, name="fold-write-behind", daemon=True)
         self._thread.start()
 
@@ -55,9 +56,8 @@ class WriteBehind:
         return self.writer.close()
 
     def abort(self) -> None:
-        with self._cond:
-            self._jobs.clear()
-            self._queued = 0
+        """Skip what is still queued, stop the thread and remove the partial shard."""
+        self._skip = True
         self._stop()
         self.writer.abort()
 
@@ -87,7 +87,7 @@ class WriteBehind:
                     return
                 job, nbytes = self._jobs[0]
             try:
-                if self._error is None:
+                if self._error is None and not self._skip:
                     job()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 self._error = exc
