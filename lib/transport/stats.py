@@ -36,6 +36,8 @@ from lib.store.safetensors_io import load_tensors, save_tensors
 
 STATS_VERSION = "1"
 
+UNIT_ROWS = 256  # sampled unit rows gathered before one GEMM into Ĉ (memory: 256·(d_x+d_y) floats)
+
 
 def _f64(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
@@ -57,8 +59,31 @@ class CrossMoments:
         self._scratch: np.ndarray | None = None  # [d_x, d_y] per-chunk product, reused
         self.cos_sum = 0.0
         self.n_zero = 0  # rows where |x| or |y| is 0 (their cosine counts as 0)
-        self.cross_unit = np.zeros((d_x, d_y)) if cosine_stride else None
+        self._cross_unit = np.zeros((d_x, d_y)) if cosine_stride else None
+        self._unit_rows: list[tuple[np.ndarray, np.ndarray]] = []  # sampled unit rows not yet in Ĉ
         self.n_unit = 0
+        self._n_pending = 0
+
+    @property
+    def cross_unit(self) -> np.ndarray | None:
+        """Ĉ, with every sampled row added (see `_flush_unit`)."""
+        self._flush_unit()
+        return self._cross_unit
+
+    @cross_unit.setter
+    def cross_unit(self, value: np.ndarray | None) -> None:
+        self._unit_rows, self._n_pending = [], 0
+        self._cross_unit = value
+
+    def _flush_unit(self) -> None:
+        """Add the pending sampled rows to Ĉ in one GEMM. Any product into Ĉ touches all d_x·d_y
+        entries, so the few rows a chunk samples at a large stride wait until UNIT_ROWS are
+        pending: per chunk, a d² pass would cost as much as ~15% of the chunk's own C GEMM."""
+        if self._n_pending:
+            ux = np.concatenate([a for a, _ in self._unit_rows])
+            uy = np.concatenate([b for _, b in self._unit_rows])
+            accumulate_product(self._cross_unit, ux, uy, self._scratch)
+            self._unit_rows, self._n_pending = [], 0
 
     @property
     def same_width(self) -> bool:
@@ -100,7 +125,7 @@ class CrossMoments:
         if self.same_width:
             dots = np.einsum("ij,ij->i", x, y)
             self.cos_sum += float(np.sum(np.divide(dots, denom, out=np.zeros(t), where=~zero)))
-        if self.cross_unit is not None:
+        if self._cross_unit is not None:
             # Sampled tokens: the running token index k is kept when k % stride == 0, so the
             # sample does not depend on how rows are chunked.
             first = (-self.n) % self.cosine_stride
@@ -110,8 +135,11 @@ class CrossMoments:
                 ny = np.sqrt(ny2[rows])
                 nx[nx == 0] = np.inf  # a zero row contributes 0 to every cosine
                 ny[ny == 0] = np.inf
-                accumulate_product(self.cross_unit, x[rows] / nx[:, None], y[rows] / ny[:, None], self._scratch)
+                self._unit_rows.append((x[rows] / nx[:, None], y[rows] / ny[:, None]))  # fresh arrays
+                self._n_pending += int(rows.size)
                 self.n_unit += int(rows.size)
+                if self._n_pending >= UNIT_ROWS:
+                    self._flush_unit()
         self.n += t
 
     def merge(self, other: CrossMoments) -> None:

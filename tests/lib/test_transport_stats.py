@@ -8,6 +8,7 @@ import torch
 
 from lib.core.errors import BadInputError
 from lib.testing.synthetic import SyntheticSample, write_capture_from_arrays
+from lib.transport import stats
 from lib.transport.stats import CrossMoments
 from lib.transport.stream import RowSpan, stream_pairs
 
@@ -21,9 +22,11 @@ def _unit(a):
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
+@pytest.mark.parametrize("unit_rows", [256, 5])  # 5: Ĉ's pending sampled rows are flushed many times
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 @pytest.mark.parametrize("widths", [(6, 6), (7, 4)])
-def test_moments_equal_direct_float64_whatever_the_chunking(chunk, widths):
+def test_moments_equal_direct_float64_whatever_the_chunking(chunk, widths, unit_rows, monkeypatch):
+    monkeypatch.setattr(stats, "UNIT_ROWS", unit_rows)
     x, y = _rows(dx=widths[0], dy=widths[1])
     m = CrossMoments(*widths, full=True, cosine_stride=3)
     for i in range(0, len(x), chunk):
