@@ -38,6 +38,10 @@ INDEX_FILE = "model.safetensors.index.json"
 
 SINGLE_FILE = "model.safetensors"
 
+# Shards are flushed to disk every this many bytes as they are written (lib.store.atomic.AtomicFile):
+# a 1-5 GB shard's closing fsync then waits for the last piece only, not for the whole shard.
+SYNC_EVERY = 128 << 20
+
 
 DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB: small enough for any loader, few enough files
 
@@ -180,7 +184,7 @@ class ShardedWriter:
         self._close_file()
         self.current = k
         self.stream = StreamWriter(self.folder / self.files[k], [(e.name, e.dtype, e.shape) for e in self.shards[k]],
-                                   self.metadata, sync_dir=False)
+                                   self.metadata, sync_dir=False, sync_every=SYNC_EVERY)
 
     def _close_file(self) -> None:
         if self.stream is not None:

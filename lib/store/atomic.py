@@ -65,14 +65,18 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], sync_d
 class AtomicFile:
     """A temp file beside `path`, written through its descriptor `fd`: `commit()` fsyncs it and
     renames it into place, `discard()` removes it (the final path is untouched until commit).
-    For writers that stream a file piece by piece (lib.store.safetensors_io.StreamWriter).
+    For writers that stream a file piece by piece (lib.store.stream_writer.StreamWriter).
     `fsync=False` keeps the rename atomic for readers but skips durability (scratch files that
-    are read at once and never survive a crash, like the vLLM worker's spool)."""
+    are read at once and never survive a crash, like the vLLM worker's spool). `sync_every` > 0
+    flushes the data to disk after each that many bytes, so `commit` waits only for the tail
+    (a writer on a background thread then overlaps nearly all of the disk time)."""
 
-    def __init__(self, path: str | os.PathLike, sync_dir: bool = True, fsync: bool = True):
+    def __init__(self, path: str | os.PathLike, sync_dir: bool = True, fsync: bool = True, sync_every: int = 0):
         self.path = Path(path)
         self.sync_dir = sync_dir and fsync
         self.fsync = fsync
+        self.sync_every = sync_every if fsync else 0
+        self._unsynced = 0
         self.fd, self.tmp = tempfile.mkstemp(prefix=f".tmp-{self.path.name}.", dir=self.path.parent)
         try:
             os.fchmod(self.fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
@@ -82,9 +86,13 @@ class AtomicFile:
 
     def write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
+        self._unsynced += len(view)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
+        if self.sync_every and self._unsynced >= self.sync_every:
+            os.fdatasync(self.fd)
+            self._unsynced = 0
 
     def commit(self) -> Path:
         if self.fsync:

@@ -24,11 +24,11 @@ class StreamWriter:
     plan's dtype and shape; a tensor begun but not completed fails `close`."""
 
     def __init__(self, path: str | os.PathLike, layout: Layout, metadata: Mapping[str, str] | None = None, *,
-                 sync_dir: bool = True):
+                 sync_dir: bool = True, sync_every: int = 0):
         self.path = Path(path)
         self.layout = [(name, code, tuple(int(s) for s in shape)) for name, code, shape in layout]
         head = header_bytes(self.layout, metadata)
-        self.out = AtomicFile(self.path, sync_dir)
+        self.out = AtomicFile(self.path, sync_dir, sync_every=sync_every)  # see AtomicFile
         self.pos = 0
         self._left = 0  # bytes still owed to the tensor begun by `begin`
         try:
