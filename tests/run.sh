@@ -2,9 +2,8 @@
 # The project's test command (README; .ci/run calls exactly this):
 #   1. set up / refresh .venv from requirements.lock (deployments/bootstrap.sh),
 #   2. run the whole pytest suite offline (slow tests included), in three lanes at once,
-#   3. alongside them, when tests/vllm/run_parity.sh exists and TOURGUIDE_VLLM_TESTS is not 0:
-#      build (or reuse) the separate vLLM CPU venv and run the vLLM-vs-torch parity tests there.
-#   With pytest arguments, only those tests run (one lane, no vLLM step).
+#   3. when tests/vllm/run_parity.sh exists and TOURGUIDE_VLLM_TESTS is not 0: build (or reuse)
+#      the separate vLLM CPU venv and run the vLLM-vs-torch parity tests there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deployments/bootstrap.sh
@@ -36,24 +35,15 @@ else
     .venv/bin/python -m pytest -q ${lanes[$i]} >"$logs/lane$i.log" 2>&1 &
     pids+=($!)
   done
-  # The vLLM parity step (its own venv, no server or database) runs beside the lanes too: the
-  # server lanes leave the cores idle most of the time, and this saves its 3-6 min at the end.
-  vllm_pid=""
-  if [ "${TOURGUIDE_VLLM_TESTS:-1}" != "0" ] && [ -f tests/vllm/run_parity.sh ]; then
-    bash tests/vllm/run_parity.sh >"$logs/vllm.log" 2>&1 &
-    vllm_pid=$!
-  fi
   failed=0
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || failed=1
     echo "=== tests/run.sh lane $i: pytest ${lanes[$i]}"
     cat "$logs/lane$i.log"
   done
-  if [ -n "$vllm_pid" ]; then
-    wait "$vllm_pid" || failed=1
-    echo "=== tests/run.sh: vLLM parity (tests/vllm/run_parity.sh)"
-    cat "$logs/vllm.log"
-  fi
   rm -rf "$logs"
   [ "$failed" = 0 ] || { echo "tests/run.sh: a test lane failed (see above)" >&2; exit 1; }
+fi
+if [ "${TOURGUIDE_VLLM_TESTS:-1}" != "0" ] && [ -f tests/vllm/run_parity.sh ] && [ $# -eq 0 ]; then
+  bash tests/vllm/run_parity.sh
 fi

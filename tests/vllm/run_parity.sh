@@ -2,7 +2,7 @@
 # Run tests/vllm (vLLM-vs-torch capture parity + the backend's unit tests) inside the separate
 # vLLM CPU venv, building or reusing it first. Usage: bash tests/vllm/run_parity.sh [pytest args]
 # About 2 minutes on 2 cores once the venv exists (3 engine starts of ~20 s each); it prints the
-# parity figures at the end. tests/run.sh runs it beside the main suite's lanes.
+# parity figures at the end. tests/run.sh calls it after the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tests/vllm/setup_venv.sh
