@@ -163,10 +163,7 @@ class _Fp32Rotation:
         y.view(-1)[flat] = exact.values().to(self.out_dtype).float()  # values in the pattern's (row-major) order
 
 
-_ONE_UNIT = {8: 2.0 ** 9 + 1, 11: 2.0 ** 12 + 1}  # tau multiple below which |y| is flagged (see below)
-
-
-def _near_boundaries(y, tau, out_dtype, midpoints: bool, buf=None):
+def _near_boundaries(y, tau, out_dtype, midpoints: bool, buf):
     """Entries of float32 `y` whose true value, within `tau`, may round to another `out_dtype`
     value than `y` does: more than half a unit away (always), or across a midpoint (`midpoints`).
     `buf(key, shape, dtype)` lends reusable workspaces (see _Fp32Rotation)."""
@@ -178,11 +175,8 @@ def _near_boundaries(y, tau, out_dtype, midpoints: bool, buf=None):
     # within half a spacing and round to the same or adjacent values (also across a power of two,
     # where the spacing below halves: v then rounds to that power, y to it or its neighbour). The
     # margin lives in tau (`_err_factor`); this test is exact, in one cheap pass.
-    if buf is None:
-        flag = y.abs() <= tau * _ONE_UNIT[mant]
-    else:
-        flag = torch.le(torch.abs(y, out=buf("abs", y.shape, y.dtype)), tau * _ONE_UNIT[mant],
-                        out=buf("flag", y.shape, torch.bool))
+    flag = torch.le(torch.abs(y, out=buf("abs", y.shape, y.dtype)), tau * (2.0 ** (mant + 1) + 1),
+                    out=buf("flag", y.shape, torch.bool))
     if midpoints:
         r = y.to(out_dtype).float()
         m, e = torch.frexp(r)  # r = m * 2^e, |m| in [0.5, 1)

@@ -191,7 +191,7 @@ def fold_checkpoint(source_dir: str | os.PathLike, output_dir: str | os.PathLike
             source_dir=str(reader.folder.resolve()), output_dir=str(out_path), exact=transforms.exact,
             untied=layout.untie, gains_folded=layout.fold_gains, gains_permuted=layout.permute_gains,
             n_tensors=len(plans), n_transformed=n_transformed, bytes_written=sum(e.nbytes for e, _ in plans),
-            shards=list(writer.writer.files), side_files=side, seconds=round(time.perf_counter() - t0, 3),
+            shards=list(writer.files), side_files=side, seconds=round(time.perf_counter() - t0, 3),
             transforms=transforms.summary(), options=options.model_dump(mode="json"))
         write_json(tmp / REPORT_NAME, {"status": "unverified", "fold": result.model_dump(mode="json"), **(report_extra or {})})
     return result

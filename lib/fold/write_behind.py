@@ -35,6 +35,11 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="fold-write-behind", daemon=True)
         self._thread.start()
 
+    @property
+    def files(self) -> list[str]:
+        """The shard file names (ShardedWriter.files)."""
+        return self.writer.files
+
     # --- the caller's side ---------------------------------------------------------------------
     def write(self, name: str, tensor: Any) -> None:
         self._put(lambda: self.writer.write(name, tensor), _nbytes(tensor))

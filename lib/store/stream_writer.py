@@ -14,7 +14,7 @@ from typing import Any
 from lib.core.dtypes import ITEMSIZE
 from lib.core.errors import BadInputError
 from lib.store.atomic import AtomicFile
-from lib.store.safetensors_io import Header, Layout, open_data, header_bytes, tensor_bytes
+from lib.store.safetensors_io import Header, Layout, header_bytes, open_data, tensor_bytes
 
 
 class StreamWriter:
